@@ -1,0 +1,37 @@
+"""Helpers every backend shares: output allocation (poisonable for tests) and the compute dtype."""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+_POISON = os.environ.get("HSAE_POISON_OUTPUTS", "") == "1"
+
+
+@contextlib.contextmanager
+def poisoned_outputs(enabled: bool = True):
+    """While active, every backend output buffer starts as NaN (floats) or a huge id (ints), so an
+    element a kernel forgets to write shows up in the comparison instead of passing as zero."""
+    global _POISON
+    previous, _POISON = _POISON, enabled
+    try:
+        yield
+    finally:
+        _POISON = previous
+
+
+def new_output(shape, dtype, device) -> torch.Tensor:
+    """Allocate a buffer the backend promises to write completely."""
+    if not _POISON:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    if dtype == torch.bool:
+        return torch.ones(shape, dtype=dtype, device=device)
+    return torch.full(shape, torch.iinfo(dtype).max, dtype=dtype, device=device)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """SPEC 4: accumulate in float32 for 16-bit inputs; float64 stays float64 (gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

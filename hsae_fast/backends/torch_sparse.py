@@ -1,0 +1,243 @@
+"""The `torch` backend: the SPEC 4 ops in plain PyTorch, as fast as PyTorch alone allows.
+
+Every op here is a plain function on tensors (no autograd); `hsae_fast/ops/` wraps them in
+`torch.library` custom ops with a sparse backward. Shapes: N tokens, d model width, F features,
+K = kmax slots per token. Nothing here is O(N * F * d) except the dense top-level GEMM; gated
+levels are scored only on the children of active parents (routed encode, grouped by parent).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .common import accumulation_dtype, new_output
+
+NAME = "torch"
+
+# Row chunks keep transient buffers (scores of a dense level, gathered rows) near this many elements.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def available() -> tuple[bool, str]:
+    return True, "pure PyTorch, always available"
+
+
+def _row_chunks(n_rows: int, row_elements: int):
+    step = max(1, _CHUNK_ELEMENTS // max(1, row_elements))
+    for start in range(0, n_rows, step):
+        yield start, min(n_rows, start + step)
+
+
+def _sparse_rows(idx: torch.Tensor, vals: torch.Tensor, num_features: int) -> torch.Tensor:
+    """(N, F) sparse COO matrix with vals at (n, idx[n, j]); duplicates sum."""
+    N, K = idx.shape
+    rows = torch.arange(N, device=idx.device).repeat_interleave(K)
+    return torch.sparse_coo_tensor(
+        torch.stack([rows, idx.reshape(-1)]), vals.reshape(-1), (N, num_features), check_invariants=False
+    )
+
+
+def _gather_dot(rows: torch.Tensor, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """out[n, j] = <rows[n], table[idx[n, j]]>, chunked over n so no (N, K, d) buffer is held whole."""
+    N, K = idx.shape
+    out = torch.empty(N, K, dtype=rows.dtype, device=rows.device)
+    for a, b in _row_chunks(N, K * rows.shape[1]):
+        out[a:b] = torch.bmm(table[idx[a:b]].to(rows.dtype), rows[a:b, :, None]).squeeze(-1)
+    return out
+
+
+def _route_candidates(parent_idx, parent_vals, child_ptr, child_ids, max_children, parent_offset):
+    """Children of each token's active parents, padded: cand (N, kp, C) global ids, valid (N, kp, C)."""
+    N, kp = parent_idx.shape
+    ar = torch.arange(max_children, device=parent_idx.device)
+    p_local = (parent_idx - parent_offset).clamp(min=0)
+    start = child_ptr[p_local]
+    count = torch.where(parent_vals != 0, child_ptr[p_local + 1] - start, 0)
+    valid = ar < count[..., None]
+    pos = (start[..., None] + ar).clamp(max=max(child_ids.numel() - 1, 0))
+    cand = child_ids[pos] if child_ids.numel() else torch.zeros_like(pos)
+    return cand, valid
+
+
+def _parent_slot_by_match(idx, parent, parent_idx, parent_vals):
+    """For each selected child, the slot of its parent among the parent codes (-1: parent inactive)."""
+    match = (parent[idx][..., None] == parent_idx[:, None, :]) & (parent_vals[:, None, :] != 0)
+    found = match.any(-1)
+    return torch.where(found, match.int().argmax(-1).to(torch.int64), -1)
+
+
+def encode_forward(
+    xc: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    edge_weight: torch.Tensor,
+    path_mask: torch.Tensor,
+    parent: torch.Tensor,
+    parent_idx: Optional[torch.Tensor],
+    parent_vals: Optional[torch.Tensor],
+    child_ptr: Optional[torch.Tensor],
+    child_ids: Optional[torch.Tensor],
+    max_children: int,
+    level_offset: int,
+    level_size: int,
+    kmax: int,
+    routed: bool,
+):
+    """Scores of one level and each token's kmax best candidates.
+
+    Returns idx (N, kmax) int64 global ids, scores (N, kmax) float32 (float64 for float64 input;
+    -inf in slots with no candidate, whose id is then `level_offset`), parent_slot (N, kmax) int64:
+    the slot in parent_idx of the feature's parent if that parent is active, else -1.
+    """
+    acc = accumulation_dtype(xc.dtype)
+    N, d = xc.shape
+    xc_acc = xc.to(acc)
+    idx = new_output((N, kmax), torch.int64, xc.device)
+    scores = new_output((N, kmax), acc, xc.device)
+    parent_slot = new_output((N, kmax), torch.int64, xc.device)
+    lvl = slice(level_offset, level_offset + level_size)
+    parent_offset = level_offset + level_size
+    if routed:
+        if max_children == 0:
+            idx.fill_(level_offset), scores.fill_(float("-inf")), parent_slot.fill_(-1)
+            return idx, scores, parent_slot
+        cand, valid = _route_candidates(parent_idx, parent_vals, child_ptr, child_ids, max_children, parent_offset)
+        kp, C = cand.shape[1], cand.shape[2]
+        cand = cand.reshape(N, kp * C)
+        s = _gather_dot(xc_acc, W_enc, cand)
+        s += b_enc.to(acc)[cand] + edge_weight.to(acc)[cand] * parent_vals.to(acc).repeat_interleave(C, dim=1)
+        s.masked_fill_(~valid.reshape(N, kp * C), float("-inf"))
+        width = min(kmax, kp * C)
+        top_s, top_pos = s.topk(width, dim=1)
+        scores[:, :width], idx[:, :width], parent_slot[:, :width] = top_s, cand.gather(1, top_pos), top_pos // C
+        scores[:, width:], idx[:, width:] = float("-inf"), level_offset
+        parent_slot[scores == float("-inf")] = -1
+        return idx, scores, parent_slot
+
+    W = W_enc[lvl].to(acc)
+    b = b_enc[lvl].to(acc)
+    pruned = ~path_mask[lvl]
+    use_edges = parent_idx is not None and bool(edge_weight[lvl].any())
+    if use_edges:
+        cand, valid = _route_candidates(parent_idx, parent_vals, child_ptr, child_ids, max_children, parent_offset)
+        bonus = edge_weight.to(acc)[cand] * parent_vals.to(acc)[..., None] * valid
+    width = min(kmax, level_size)
+    for a, e in _row_chunks(N, level_size):
+        s = torch.addmm(b, xc_acc[a:e], W.T)
+        if use_edges:
+            s.scatter_add_(1, (cand[a:e] - level_offset).reshape(e - a, -1), bonus[a:e].reshape(e - a, -1))
+        s.masked_fill_(pruned, float("-inf"))
+        top_s, top_i = s.topk(width, dim=1)
+        scores[a:e, :width], idx[a:e, :width] = top_s, top_i + level_offset
+    scores[:, width:], idx[:, width:] = float("-inf"), level_offset
+    if parent_idx is None:
+        parent_slot.fill_(-1)
+    else:
+        parent_slot.copy_(_parent_slot_by_match(idx, parent, parent_idx, parent_vals))
+    return idx, scores, parent_slot
+
+
+def encode_backward(
+    g_scores: torch.Tensor,
+    idx: torch.Tensor,
+    parent_slot: torch.Tensor,
+    xc: torch.Tensor,
+    W_enc: torch.Tensor,
+    edge_weight: torch.Tensor,
+    parent_vals: Optional[torch.Tensor],
+    need_xc: bool,
+    need_W_enc: bool,
+    need_edge: bool,
+    need_parent_vals: bool,
+):
+    """Sparse backward of encode_forward through the kept slots (straight-through selection).
+
+    Returns g_xc (N, d), g_W_enc (F, d), g_b_enc (F,), g_edge (F,), g_parent_vals (N, kp), each in
+    the accumulation dtype, or None when not needed. O(N * K * d): a sparse (N, F) matrix times
+    dense rows, no (N, K, d) buffer.
+    """
+    acc = accumulation_dtype(xc.dtype)
+    F = W_enc.shape[0]
+    g = g_scores.to(acc)
+    g_xc = g_W = g_edge = g_parent = None
+    if need_xc or need_W_enc:
+        S = _sparse_rows(idx, g, F).coalesce()
+        if need_xc:
+            g_xc = torch.sparse.mm(S, W_enc.to(acc))
+        if need_W_enc:
+            g_W = torch.sparse.mm(S.t(), xc.to(acc))
+    g_b = torch.zeros(F, dtype=acc, device=g.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
+    if parent_vals is not None and (need_edge or need_parent_vals):
+        has_parent = parent_slot >= 0
+        slot = parent_slot.clamp(min=0)
+        if need_edge:
+            pv = parent_vals.to(acc).gather(1, slot) * has_parent
+            g_edge = torch.zeros(F, dtype=acc, device=g.device).index_add_(0, idx.reshape(-1), (g * pv).reshape(-1))
+        if need_parent_vals:
+            contrib = g * edge_weight.to(acc)[idx] * has_parent
+            g_parent = torch.zeros(parent_vals.shape, dtype=acc, device=g.device).scatter_add_(1, slot, contrib)
+    return g_xc, g_W, g_b, g_edge, g_parent
+
+
+def _slot_gain(level_gain: torch.Tensor, level_widths: list[int], acc) -> torch.Tensor:
+    widths = torch.tensor(level_widths, device=level_gain.device)
+    return level_gain.to(acc).repeat_interleave(widths)
+
+
+def decode_forward(idx, vals, W_dec, level_gain, b_dec, level_widths: list[int], prefixes: bool):
+    """x_hat = b_dec + sum_l gain_l * sum_j vals * W_dec[idx]  -> (N, d), or with `prefixes` the
+    stack (L, N, d) of P_m = b_dec + sum_{l >= m} gain_l * D_l (P_0 = x_hat). idx, vals: (N, K)
+    with the levels' slots side by side, bottom first, `level_widths` wide each."""
+    acc = accumulation_dtype(W_dec.dtype)
+    F = W_dec.shape[0]
+    W = W_dec.to(acc)
+    if not prefixes:
+        S = _sparse_rows(idx, vals.to(acc) * _slot_gain(level_gain, level_widths, acc), F)
+        out = new_output((idx.shape[0], W_dec.shape[1]), W_dec.dtype, W_dec.device)
+        out.copy_(torch.sparse.mm(S, W) + b_dec.to(acc))
+        return out
+    L = len(level_widths)
+    out = new_output((L, idx.shape[0], W_dec.shape[1]), W_dec.dtype, W_dec.device)
+    running = b_dec.to(acc).expand(idx.shape[0], -1)
+    stops = [0]
+    for w in level_widths:
+        stops.append(stops[-1] + w)
+    for l in reversed(range(L)):
+        sl = slice(stops[l], stops[l + 1])
+        running = running + level_gain[l].to(acc) * torch.sparse.mm(_sparse_rows(idx[:, sl], vals[:, sl].to(acc), F), W)
+        out[l] = running
+    return out
+
+
+def decode_backward(g_out, idx, vals, W_dec, level_gain, level_widths: list[int], prefixes: bool,
+                    need_vals: bool, need_W_dec: bool, need_gain: bool):
+    """Returns g_vals (N, K), g_W_dec (F, d), g_level_gain (L,), g_b_dec (d,) in the accumulation dtype."""
+    acc = accumulation_dtype(W_dec.dtype)
+    F = W_dec.shape[0]
+    L = len(level_widths)
+    g = g_out.to(acc)
+    stops = [0]
+    for w in level_widths:
+        stops.append(stops[-1] + w)
+    # With prefixes, level l's decode appears in P_0 .. P_l, so its gradient is the sum of theirs.
+    g_levels = torch.cumsum(g, 0) if prefixes else None
+    g_b = g.reshape(-1, g.shape[-1]).sum(0)
+    g_vals = torch.empty(idx.shape, dtype=acc, device=idx.device) if (need_vals or need_gain) else None
+    g_W = torch.zeros(W_dec.shape, dtype=acc, device=idx.device) if need_W_dec else None
+    g_gain = torch.zeros(L, dtype=acc, device=idx.device)
+    gains = level_gain.to(acc)
+    same_grad = not prefixes
+    for l in range(L):
+        sl = slice(stops[l], stops[l + 1])
+        g_l = g if same_grad else g_levels[l]
+        if need_vals or need_gain:
+            dot = _gather_dot(g_l, W_dec, idx[:, sl])
+            g_vals[:, sl] = dot * gains[l]
+            g_gain[l] = (vals[:, sl].to(acc) * dot).sum()
+        if need_W_dec and not same_grad:
+            g_W += torch.sparse.mm(_sparse_rows(idx[:, sl], vals[:, sl].to(acc) * gains[l], F).t(), g_l)
+    if need_W_dec and same_grad:
+        S = _sparse_rows(idx, vals.to(acc) * _slot_gain(level_gain, level_widths, acc), F)
+        g_W = torch.sparse.mm(S.t().coalesce(), g)
+    return g_vals, g_W, g_gain, g_b

@@ -1,0 +1,184 @@
+"""`HSAELayer`: parameters, buffers and dispatch (SPEC 3). The math lives in `functional.py`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import functional
+from .backends import resolve_backend
+from .config import HSAEConfig
+from .tree import TreePlan, config_parent, subtree_mask
+
+
+@dataclass
+class HSAEOutput:
+    """x_hat: same shape and dtype as the input. codes: one (indices, values) pair per level, bottom
+    first, each (..., kmax_l), global ids, value 0 = inactive. levels: the same codes flattened to
+    (N, kmax_l) with their scores, for losses and metrics. prefixes: (L, N, d) coarse-to-fine
+    reconstructions P_m when asked for (P_0 is x_hat)."""
+
+    x_hat: torch.Tensor
+    codes: list
+    levels: list
+    prefixes: Optional[torch.Tensor] = None
+
+
+class HSAELayer(nn.Module):
+    """A hierarchical sparse autoencoder (a flat TopK SAE when the config has one level).
+
+    >>> cfg = HSAEConfig(d_model=64, dict_size=336, k=(8, 4, 2))
+    >>> out = HSAELayer(cfg)(torch.randn(10, 64))
+    """
+
+    def __init__(self, cfg: HSAEConfig, backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        self.cfg = cfg
+        self.backend = backend
+        F, d, L = cfg.dict_size, cfg.d_model, cfg.num_levels
+        factory = {"device": device, "dtype": dtype or torch.float32}
+        W_dec = torch.randn(F, d, **factory)
+        W_dec /= W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.clone())
+        self.b_enc = nn.Parameter(torch.zeros(F, **factory))
+        self.b_dec = nn.Parameter(torch.zeros(d, **factory))
+        self.edge_weight = nn.Parameter(torch.zeros(F, **factory), requires_grad=cfg.learn_edges)
+        self.level_gain = nn.Parameter(torch.ones(L, **factory))
+        self.register_buffer("threshold", torch.zeros(L, dtype=torch.float32, device=device))
+        self.register_buffer("parent", config_parent(cfg).to(device))
+        self.register_buffer("path_mask", torch.ones(F, dtype=torch.bool, device=device))
+        self._plan: Optional[tuple] = None
+        self._resolved: dict = {}
+
+    # ------------------------------------------------------------------ helpers
+    def tree_plan(self) -> TreePlan:
+        """Child lists for routed encodes; rebuilt when the tree, the mask or the device changes."""
+        key = (self.parent.device, self.parent.data_ptr(), self.path_mask.data_ptr(), self._mask_version)
+        if self._plan is None or self._plan[0] != key:
+            self._plan = (key, TreePlan.build(self.cfg, self.parent, self.path_mask))
+        return self._plan[1]
+
+    _mask_version = 0
+
+    def backend_for(self, device: torch.device) -> str:
+        if device not in self._resolved:
+            self._resolved[device] = resolve_backend(self.backend, device)
+        return self._resolved[device]
+
+    def default_selection(self) -> str:
+        """SPEC 1: batch selection trains, threshold selection evaluates (token stays token)."""
+        if self.cfg.selection == "batch" and not self.training:
+            return "threshold"
+        return self.cfg.selection
+
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"HSAELayer input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != self.cfg.d_model:
+            raise ValueError(f"HSAELayer input has shape {tuple(x.shape)}; expected (..., d_model={self.cfg.d_model})")
+        if not x.is_floating_point():
+            raise TypeError(f"HSAELayer input has dtype {x.dtype}; expected a floating dtype")
+        if x.dtype != self.W_enc.dtype:
+            raise TypeError(
+                f"HSAELayer input has dtype {x.dtype} but the weights are {self.W_enc.dtype}; "
+                f"cast one of them (x.to({self.W_enc.dtype}) or layer.to({x.dtype}))"
+            )
+        if x.device != self.W_enc.device:
+            raise ValueError(f"HSAELayer input is on {x.device} but the weights are on {self.W_enc.device}")
+        x2 = x.reshape(-1, self.cfg.d_model)
+        if self.cfg.check_finite and x2.numel() and not torch.isfinite(x2).all():
+            bad = (~torch.isfinite(x2)).nonzero()[0].tolist()
+            raise ValueError(
+                f"HSAELayer input holds NaN or Inf (first at flattened row {bad[0]}, column {bad[1]}); "
+                f"set cfg.check_finite=False to skip this check"
+            )
+        return x2
+
+    # ------------------------------------------------------------------ the API
+    def encode_levels(self, x2: torch.Tensor, selection: Optional[str] = None) -> list:
+        """(N, d) -> per-level LevelCodes (N, kmax_l), bottom first."""
+        selection = selection or self.default_selection()
+        return functional.encode(
+            x2 - self.b_dec, self.W_enc, self.b_enc, self.edge_weight, self.path_mask, self.parent,
+            self.threshold, self.tree_plan(), self.cfg, selection, self.backend_for(x2.device),
+        )
+
+    def encode(self, x: torch.Tensor, selection: Optional[str] = None) -> list:
+        """Codes of x: one (indices, values) pair per level, bottom first, each (..., kmax_l)."""
+        x2 = self._check_input(x)
+        return self._shape_codes(self.encode_levels(x2, selection), x.shape[:-1], x.dtype)
+
+    def decode(self, codes: list, prefixes: bool = False) -> torch.Tensor:
+        """x_hat from codes (as `encode` returns them): (..., d)."""
+        lead = codes[0][0].shape[:-1]
+        levels = [
+            functional.LevelCodes(i.reshape(-1, i.shape[-1]), v.reshape(-1, v.shape[-1]).float(), v)
+            for i, v in codes
+        ]
+        out = functional.decode(
+            levels, self.W_dec, self.level_gain, self.b_dec, self.backend_for(self.W_dec.device), prefixes
+        )
+        return out.reshape(*out.shape[:-2], *lead, out.shape[-1]) if prefixes else out.reshape(*lead, -1)
+
+    def forward(self, x: torch.Tensor, selection: Optional[str] = None, return_prefixes: bool = False) -> HSAEOutput:
+        x2 = self._check_input(x)
+        selection = selection or self.default_selection()
+        levels = self.encode_levels(x2, selection)
+        if self.training and selection == "batch":
+            self._update_thresholds(levels)
+        backend = self.backend_for(x2.device)
+        out = functional.decode(levels, self.W_dec, self.level_gain, self.b_dec, backend, prefixes=return_prefixes)
+        x_hat = out[0] if return_prefixes else out
+        return HSAEOutput(
+            x_hat=x_hat.reshape(x.shape),
+            codes=self._shape_codes(levels, x.shape[:-1], x.dtype),
+            levels=levels,
+            prefixes=out if return_prefixes else None,
+        )
+
+    @torch.no_grad()
+    def _update_thresholds(self, levels) -> None:
+        """SPEC 4: threshold[l] <- 0.99 threshold[l] + 0.01 * (smallest kept positive score)."""
+        for l, codes in enumerate(levels):
+            positive = codes.vals > 0
+            smallest = torch.where(positive, codes.vals, torch.inf).amin().float()
+            updated = 0.99 * self.threshold[l] + 0.01 * smallest
+            self.threshold[l] = torch.where(positive.any(), updated, self.threshold[l])
+
+    @staticmethod
+    def _shape_codes(levels, lead_shape, dtype) -> list:
+        return [(c.idx.reshape(*lead_shape, -1), c.vals.to(dtype).reshape(*lead_shape, -1)) for c in levels]
+
+    @torch.no_grad()
+    def prune(self, ids) -> torch.Tensor:
+        """Prune features `ids` (global) and their whole subtrees (SPEC 2); returns the new path_mask."""
+        ids = torch.as_tensor(ids, dtype=torch.int64, device=self.parent.device).reshape(-1)
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.cfg.dict_size):
+            raise ValueError(f"prune ids must be in [0, {self.cfg.dict_size}); got min {int(ids.min())}, max {int(ids.max())}")
+        self.path_mask &= ~subtree_mask(self.parent, ids)
+        self._mask_version += 1
+        return self.path_mask
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return (f"d_model={c.d_model}, level_sizes={list(c.level_sizes)}, k={list(c.k)}, gating={c.gating}, "
+                f"selection={c.selection}, backend={self.backend}")
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._mask_version += 1
+
+    # ----------------------------------------------------------- persistence
+    def save_pretrained(self, directory) -> None:
+        from .io import save_layer
+
+        save_layer(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, backend: str = "auto", device=None) -> "HSAELayer":
+        from .io import load_layer
+
+        return load_layer(cls, directory, backend=backend, device=device)

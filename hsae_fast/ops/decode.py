@@ -1,0 +1,73 @@
+"""`hsae_fast::sparse_decode`: level-wise sparse decode with skip gains (and, on request, the
+coarse-to-fine prefix sums of SPEC 5), with its sparse backward."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..backends import get_backend
+from ..backends.common import accumulation_dtype
+
+@torch.library.custom_op("hsae_fast::sparse_decode", mutates_args=())
+def sparse_decode(
+    idx: Tensor, vals: Tensor, W_dec: Tensor, level_gain: Tensor, b_dec: Tensor,
+    level_widths: list[int], prefixes: bool, backend: str,
+) -> Tensor:
+    """idx, vals: (N, K), the levels' slots side by side (bottom first, `level_widths` each).
+    Returns x_hat (N, d), or with `prefixes` the stack (L, N, d) of P_m (P_0 = x_hat)."""
+    return get_backend(backend).decode_forward(idx, vals, W_dec, level_gain, b_dec, list(level_widths), prefixes)
+
+
+@sparse_decode.register_fake
+def _(idx, vals, W_dec, level_gain, b_dec, level_widths, prefixes, backend):
+    N, d = idx.shape[0], W_dec.shape[1]
+    return W_dec.new_empty((len(level_widths), N, d) if prefixes else (N, d))
+
+
+@torch.library.custom_op("hsae_fast::sparse_decode_backward", mutates_args=())
+def sparse_decode_backward(
+    g_out: Tensor, idx: Tensor, vals: Tensor, W_dec: Tensor, level_gain: Tensor,
+    level_widths: list[int], prefixes: bool, need_vals: bool, need_W_dec: bool, need_gain: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of vals (N, K), W_dec (F, d), level_gain (L,), b_dec (d,); empty where not needed."""
+    grads = get_backend(backend).decode_backward(
+        g_out.contiguous(), idx, vals, W_dec, level_gain, list(level_widths), prefixes, need_vals, need_W_dec, need_gain
+    )
+    return tuple(g if g is not None else W_dec.new_empty(0) for g in grads)
+
+
+@sparse_decode_backward.register_fake
+def _(g_out, idx, vals, W_dec, level_gain, level_widths, prefixes, need_vals, need_W_dec, need_gain, backend):
+    acc = accumulation_dtype(W_dec.dtype)
+    empty = W_dec.new_empty((0,), dtype=acc)
+    return (
+        W_dec.new_empty(idx.shape, dtype=acc) if need_vals or need_gain else empty,
+        W_dec.new_empty(W_dec.shape, dtype=acc) if need_W_dec else empty,
+        W_dec.new_empty(level_gain.shape, dtype=acc),
+        W_dec.new_empty((W_dec.shape[1],), dtype=acc),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    idx, vals, W_dec, level_gain, _b, level_widths, prefixes, backend = inputs
+    ctx.level_widths, ctx.prefixes, ctx.backend = list(level_widths), prefixes, backend
+    ctx.save_for_backward(idx, vals, W_dec, level_gain)
+
+
+def _backward(ctx, g_out):
+    idx, vals, W_dec, level_gain = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    g_vals, g_W, g_gain, g_b = sparse_decode_backward(
+        g_out, idx, vals, W_dec, level_gain, ctx.level_widths, ctx.prefixes, need[1], need[2], need[3], ctx.backend
+    )
+    return (
+        None,
+        g_vals.to(vals.dtype) if need[1] else None,
+        g_W.to(W_dec.dtype) if need[2] else None,
+        g_gain.to(level_gain.dtype) if need[3] else None,
+        g_b.to(W_dec.dtype) if need[4] else None,
+        None, None, None,
+    )
+
+
+sparse_decode.register_autograd(_backward, setup_context=_setup_context)
