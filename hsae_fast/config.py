@@ -86,6 +86,7 @@ class HSAEConfig:
 
     # -------------------------------------------------------------- validation
     def validate(self) -> None:
+        self.level_ratios = tuple(self.level_ratios)
         if not isinstance(self.d_model, int) or isinstance(self.d_model, bool) or self.d_model < 1:
             raise _config_error("d_model", self.d_model, "must be a positive int")
         if self.level_sizes is not None:
