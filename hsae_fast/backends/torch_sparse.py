@@ -7,6 +7,7 @@ levels are scored only on the children of active parents (routed encode, grouped
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -14,6 +15,9 @@ import torch
 from .common import accumulation_dtype, new_output
 
 NAME = "torch"
+
+# CSR matmul is stable enough for the one product used here; its "beta" notice is noise to users.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 # Row chunks keep transient buffers (scores of a dense level, gathered rows) near this many elements.
 _CHUNK_ELEMENTS = 1 << 22
@@ -29,13 +33,25 @@ def _row_chunks(n_rows: int, row_elements: int):
         yield start, min(n_rows, start + step)
 
 
-def _sparse_rows(idx: torch.Tensor, vals: torch.Tensor, num_features: int) -> torch.Tensor:
-    """(N, F) sparse COO matrix with vals at (n, idx[n, j]); duplicates sum."""
+def _weighted_rows(idx: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """out[n] = sum_j weights[n, j] * table[idx[n, j]]  -> (N, d): embedding_bag, no (N, K, d) buffer."""
+    return torch.nn.functional.embedding_bag(idx, table, per_sample_weights=weights.to(table.dtype), mode="sum")
+
+
+def _scatter_rows(idx: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, num_features: int) -> torch.Tensor:
+    """out[f] = sum over (n, j) with idx[n, j] == f of weights[n, j] * rows[n]  -> (F, d).
+
+    The transpose of `_weighted_rows`: slots are sorted by feature (a stable sort: deterministic)
+    and multiplied as a CSR (F, N) matrix, so no (N*K, d) buffer is built."""
     N, K = idx.shape
-    rows = torch.arange(N, device=idx.device).repeat_interleave(K)
-    return torch.sparse_coo_tensor(
-        torch.stack([rows, idx.reshape(-1)]), vals.reshape(-1), (N, num_features), check_invariants=False
-    )
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    crow = torch.zeros(num_features + 1, dtype=torch.int64, device=idx.device)
+    crow[1:] = torch.cumsum(torch.bincount(flat, minlength=num_features), 0)
+    token = torch.div(order, K, rounding_mode="floor")
+    S = torch.sparse_csr_tensor(crow, token, weights.reshape(-1)[order].to(rows.dtype), (num_features, N),
+                                check_invariants=False)
+    return S @ rows
 
 
 def _gather_dot(rows: torch.Tensor, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -154,19 +170,16 @@ def encode_backward(
     """Sparse backward of encode_forward through the kept slots (straight-through selection).
 
     Returns g_xc (N, d), g_W_enc (F, d), g_b_enc (F,), g_edge (F,), g_parent_vals (N, kp), each in
-    the accumulation dtype, or None when not needed. O(N * K * d): a sparse (N, F) matrix times
-    dense rows, no (N, K, d) buffer.
+    the accumulation dtype, or None when not needed. O(N * K * d), no (N, K, d) buffer.
     """
     acc = accumulation_dtype(xc.dtype)
     F = W_enc.shape[0]
     g = g_scores.to(acc)
     g_xc = g_W = g_edge = g_parent = None
-    if need_xc or need_W_enc:
-        S = _sparse_rows(idx, g, F).coalesce()
-        if need_xc:
-            g_xc = torch.sparse.mm(S, W_enc.to(acc))
-        if need_W_enc:
-            g_W = torch.sparse.mm(S.t(), xc.to(acc))
+    if need_xc:
+        g_xc = _weighted_rows(idx, g, W_enc.to(acc))
+    if need_W_enc:
+        g_W = _scatter_rows(idx, g, xc.to(acc), F)
     g_b = torch.zeros(F, dtype=acc, device=g.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
     if parent_vals is not None and (need_edge or need_parent_vals):
         has_parent = parent_slot >= 0
@@ -190,12 +203,10 @@ def decode_forward(idx, vals, W_dec, level_gain, b_dec, level_widths: list[int],
     stack (L, N, d) of P_m = b_dec + sum_{l >= m} gain_l * D_l (P_0 = x_hat). idx, vals: (N, K)
     with the levels' slots side by side, bottom first, `level_widths` wide each."""
     acc = accumulation_dtype(W_dec.dtype)
-    F = W_dec.shape[0]
     W = W_dec.to(acc)
     if not prefixes:
-        S = _sparse_rows(idx, vals.to(acc) * _slot_gain(level_gain, level_widths, acc), F)
         out = new_output((idx.shape[0], W_dec.shape[1]), W_dec.dtype, W_dec.device)
-        out.copy_(torch.sparse.mm(S, W) + b_dec.to(acc))
+        out.copy_(_weighted_rows(idx, vals.to(acc) * _slot_gain(level_gain, level_widths, acc), W) + b_dec.to(acc))
         return out
     L = len(level_widths)
     out = new_output((L, idx.shape[0], W_dec.shape[1]), W_dec.dtype, W_dec.device)
@@ -205,7 +216,7 @@ def decode_forward(idx, vals, W_dec, level_gain, b_dec, level_widths: list[int],
         stops.append(stops[-1] + w)
     for l in reversed(range(L)):
         sl = slice(stops[l], stops[l + 1])
-        running = running + level_gain[l].to(acc) * torch.sparse.mm(_sparse_rows(idx[:, sl], vals[:, sl].to(acc), F), W)
+        running = running + level_gain[l].to(acc) * _weighted_rows(idx[:, sl], vals[:, sl].to(acc), W)
         out[l] = running
     return out
 
@@ -224,7 +235,7 @@ def decode_backward(g_out, idx, vals, W_dec, level_gain, level_widths: list[int]
     g_levels = torch.cumsum(g, 0) if prefixes else None
     g_b = g.reshape(-1, g.shape[-1]).sum(0)
     g_vals = torch.empty(idx.shape, dtype=acc, device=idx.device) if (need_vals or need_gain) else None
-    g_W = torch.zeros(W_dec.shape, dtype=acc, device=idx.device) if need_W_dec else None
+    g_W = torch.zeros(W_dec.shape, dtype=acc, device=idx.device) if need_W_dec and prefixes else None
     g_gain = torch.zeros(L, dtype=acc, device=idx.device)
     gains = level_gain.to(acc)
     same_grad = not prefixes
@@ -236,8 +247,7 @@ def decode_backward(g_out, idx, vals, W_dec, level_gain, level_widths: list[int]
             g_vals[:, sl] = dot * gains[l]
             g_gain[l] = (vals[:, sl].to(acc) * dot).sum()
         if need_W_dec and not same_grad:
-            g_W += torch.sparse.mm(_sparse_rows(idx[:, sl], vals[:, sl].to(acc) * gains[l], F).t(), g_l)
+            g_W += _scatter_rows(idx[:, sl], vals[:, sl].to(acc) * gains[l], g_l, F)
     if need_W_dec and same_grad:
-        S = _sparse_rows(idx, vals.to(acc) * _slot_gain(level_gain, level_widths, acc), F)
-        g_W = torch.sparse.mm(S.t().coalesce(), g)
+        g_W = _scatter_rows(idx, vals.to(acc) * _slot_gain(level_gain, level_widths, acc), g, F)
     return g_vals, g_W, g_gain, g_b
