@@ -1,0 +1,203 @@
+"""SPEC 5 losses from sparse codes against dense, obviously-correct formulas on dense activations."""
+import math
+
+import pytest
+import torch
+
+from hsae_fast import HSAEConfig
+from hsae_fast.losses import (
+    DeadFeatureTracker, LossWeights, auxk_loss, consistency_loss, decoder_tie_loss, fvu, kl_consistency_loss,
+    mse, orphan_loss, prefix_loss, prefix_weight, total_loss, total_variance,
+)
+from hsae_fast.functional import LevelCodes
+
+from helpers import densify, random_layer
+
+TOL = dict(rtol=1e-9, atol=1e-12)
+
+
+def _model(gating="none", parent=None, seed=0):
+    cfg = HSAEConfig(d_model=11, level_sizes=(30, 10, 4), k=(6, 3, 2), gating=gating, parent=parent, k_aux=5)
+    layer = random_layer(cfg, "torch", torch.float64, seed, prune_frac=0.1)
+    x = torch.randn(37, 11, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    return layer, x
+
+
+def _dense_levels(layer, out):
+    _, dense = densify(layer, out.levels)
+    return dense
+
+
+def test_fvu_and_mse_match_dense_formula():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(20, 7, dtype=torch.float64, generator=gen), torch.randn(20, 7, dtype=torch.float64, generator=gen)
+    want = sum(((x[n] - y[n]) ** 2).sum() for n in range(20)) / sum(((x[n] - x.mean(0)) ** 2).sum() for n in range(20))
+    torch.testing.assert_close(fvu(x, y), want, **TOL)
+    torch.testing.assert_close(mse(x, y), ((x - y) ** 2).sum(1).mean(), **TOL)
+    assert float(fvu(x, x)) == 0.0
+    torch.testing.assert_close(fvu(x, x.mean(0).expand_as(x)), torch.tensor(1.0, dtype=torch.float64), **TOL)
+    # leading dims flatten to tokens; 16-bit inputs are measured in float32
+    torch.testing.assert_close(fvu(x.reshape(4, 5, 7), y.reshape(4, 5, 7)), want, **TOL)
+    assert fvu(x.half(), y.half()).dtype == torch.float32
+    torch.testing.assert_close(total_variance(x), ((x - x.mean(0)) ** 2).sum(), **TOL)
+
+
+def test_prefix_weight_schedule():
+    assert prefix_weight(0.0, 0.5) == 1.0
+    assert prefix_weight(0.25, 0.5) == pytest.approx(0.5)
+    assert prefix_weight(0.5, 0.5) == 0.0 and prefix_weight(0.9, 0.5) == 0.0
+    assert prefix_weight(0.0, 0.0) == 0.0
+
+
+def test_prefix_loss_matches_dense_prefix_sums():
+    layer, x = _model(gating="hard")
+    out = layer(x, return_prefixes=True)
+    acts = _dense_levels(layer, out)
+    cfg = layer.cfg
+    W = layer.W_dec.detach()
+    decodes = [acts[l] @ W[cfg.level_offsets[l]: cfg.level_offsets[l] + cfg.level_sizes[l]] for l in range(3)]
+    gain, b = layer.level_gain.detach(), layer.b_dec.detach()
+    want = 0.0
+    for m in (1, 2):
+        P = b + sum(gain[l] * decodes[l] for l in range(m, 3))
+        want = want + ((x - P) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    torch.testing.assert_close(prefix_loss(x, out.prefixes).detach(), want, **TOL)
+
+
+def test_orphan_loss_matches_dense_formula_and_gradient():
+    layer, x = _model(gating="none")
+    out = layer(x)
+    acts = _dense_levels(layer, out)
+    parent, offs = layer.parent, layer.cfg.level_offsets
+    want = 0.0
+    for l in range(2):
+        ids = torch.arange(offs[l], offs[l] + layer.cfg.level_sizes[l])
+        parent_act = acts[l + 1][:, parent[ids] - offs[l + 1]]
+        want = want + (acts[l] * (parent_act == 0)).sum() / x.shape[0]
+    assert want > 0, "the test needs orphans (gating none)"
+    levels = [LevelCodes(c.idx, c.vals.detach().clone().requires_grad_(True), c.scores) for c in out.levels]
+    got = orphan_loss(levels, parent)
+    torch.testing.assert_close(got, want, **TOL)
+    got.backward()
+    # d/d a = the (constant) orphan indicator / N on each active slot
+    for l in range(2):
+        c = levels[l]
+        orphan = torch.tensor([[float(acts[l + 1][n, int(parent[i]) - offs[l + 1]] == 0) for i in c.idx[n]]
+                               for n in range(x.shape[0])], dtype=torch.float64)
+        torch.testing.assert_close(c.vals.grad, orphan / x.shape[0], **TOL)
+
+
+def test_orphan_loss_zero_under_hard_gating():
+    layer, x = _model(gating="hard")
+    assert float(orphan_loss(layer(x).levels, layer.parent).detach()) == 0.0
+
+
+def test_decoder_tie_loss_over_unpruned_edges():
+    layer, _ = _model()
+    W, parent, mask = layer.W_dec.detach(), layer.parent, layer.path_mask
+    edges = [i for i in range(W.shape[0]) if parent[i] >= 0 and mask[i]]
+    want = sum(((W[i] - W[parent[i]]) ** 2).sum() for i in edges) / len(edges)
+    torch.testing.assert_close(decoder_tie_loss(W, parent, mask), want, **TOL)
+
+
+def _dense_kl(acts, parent, cfg):
+    """Per token: q_j = children's summed activity under parent j (normalized), p_j = parent j's."""
+    total, offs, eps = 0.0, cfg.level_offsets, 1e-6
+    N = acts[0].shape[0]
+    for l in range(cfg.num_levels - 1):
+        kl = torch.zeros(N, dtype=torch.float64)
+        for n in range(N):
+            p = acts[l + 1][n].clone()
+            q = torch.zeros_like(p)
+            for i in range(cfg.level_sizes[l]):
+                q[int(parent[offs[l] + i]) - offs[l + 1]] += acts[l][n, i]
+            p = p / max(float(p.sum()), eps)
+            q = q / max(float(q.sum()), eps)
+            kl[n] = (q * torch.log((q + eps) / (p + eps))).sum()
+        total = total + kl.mean()
+    return total
+
+
+def test_kl_consistency_matches_dense_formula():
+    layer, x = _model(gating="none")
+    out = layer(x)
+    acts = _dense_levels(layer, out)
+    torch.testing.assert_close(kl_consistency_loss(out.levels, layer.parent).detach(), _dense_kl(acts, layer.parent, layer.cfg), **TOL)
+
+
+def test_kl_charges_about_14_nats_for_one_orphan():
+    parent = torch.tensor([2, 3, -1, -1])
+    child = LevelCodes(torch.tensor([[0, 1]]), torch.tensor([[1.0, 1.0]]), torch.zeros(1, 2))
+    upper = LevelCodes(torch.tensor([[2, 3]]), torch.tensor([[1.0, 0.0]]), torch.zeros(1, 2))
+    # child 1's parent (3) is silent: half of q's mass sits where p has none
+    value = float(kl_consistency_loss([child, upper], parent))
+    assert value == pytest.approx(0.5 * math.log(0.5 / 1e-6) + 0.5 * math.log(0.5 / 1.0), rel=1e-4)
+
+
+def _dense_auxk(layer, x, x_hat, dead, k_aux):
+    W_enc, b_enc, W_dec = layer.W_enc, layer.b_enc, layer.W_dec
+    s = (x - layer.b_dec.detach()) @ W_enc.T + b_enc  # every feature, then mask
+    s = s.masked_fill(~dead, float("-inf"))
+    top = s.topk(k_aux, dim=1)
+    level = torch.tensor(sum(([l] * n for l, n in enumerate(layer.cfg.level_sizes)), []))
+    rows = W_dec * layer.level_gain.detach()[level][:, None]
+    e = (x - x_hat).detach()
+    e_hat = torch.stack([(torch.nn.functional.softplus(top.values[n])[:, None] * rows[top.indices[n]]).sum(0)
+                         for n in range(x.shape[0])])
+    return ((e - e_hat) ** 2).sum() / (e ** 2).sum()
+
+
+def test_auxk_matches_dense_formula_and_trains_only_dead_rows():
+    layer, x = _model(gating="hard")
+    out = layer(x)
+    gen = torch.Generator().manual_seed(5)
+    dead = (torch.rand(layer.cfg.dict_size, generator=gen) < 0.4) & layer.path_mask
+    got = auxk_loss(layer, x, out.x_hat, dead, 5)
+    grads = torch.autograd.grad(got, [layer.W_enc, layer.b_enc, layer.W_dec])
+    want = _dense_auxk(layer, x, out.x_hat, dead, 5)
+    want_grads = torch.autograd.grad(want, [layer.W_enc, layer.b_enc, layer.W_dec])
+    torch.testing.assert_close(got, want, **TOL)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, **TOL)
+        assert (g[~dead] == 0).all()
+    assert (grads[0][dead] != 0).any()
+    # no dead feature: no loss, no work
+    assert float(auxk_loss(layer, x, out.x_hat, torch.zeros_like(dead), 5)) == 0.0
+
+
+def test_dead_feature_tracker():
+    tracker = DeadFeatureTracker(4, dead_after_tokens=10)
+    tracker.update(torch.tensor([True, False, False, False]), 6)
+    assert not tracker.dead().any()
+    tracker.update(torch.tensor([False, True, False, False]), 6)
+    assert tracker.dead().tolist() == [False, False, True, True]  # feature 0 silent for 6 tokens only
+    tracker.update(torch.tensor([False, True, False, False]), 6)
+    assert tracker.dead().tolist() == [True, False, True, True]
+    assert tracker.dead(torch.tensor([True, True, True, False])).tolist() == [True, False, True, False]
+    other = DeadFeatureTracker(4, 10)
+    other.load_state_dict(tracker.state_dict())
+    assert torch.equal(other.tokens_since_fired, tracker.tokens_since_fired)
+    levels = [LevelCodes(torch.tensor([[0, 1]]), torch.tensor([[0.0, 2.0]]), torch.zeros(1, 2)),
+              LevelCodes(torch.tensor([[3]]), torch.tensor([[1.0]]), torch.zeros(1, 1))]
+    assert DeadFeatureTracker.fired(levels, 4).tolist() == [False, True, False, True]
+
+
+@pytest.mark.parametrize("consistency", ["orphan", "kl"])
+def test_total_loss_is_the_weighted_sum(consistency):
+    layer, x = _model(gating="none")
+    layer.cfg = layer.cfg.replace(consistency=consistency, beta=0.3)
+    out = layer(x, return_prefixes=True)
+    dead = layer.path_mask.clone()
+    dead[::2] = False
+    weights = LossWeights(prefix=0.7, aux=0.25, cons=0.5)
+    loss, parts = total_loss(layer, x, out, weights, dead)
+    want = (fvu(x, out.x_hat) + 0.7 * prefix_loss(x, out.prefixes)
+            + 0.25 * auxk_loss(layer, x, out.x_hat, dead, layer.cfg.resolved_k_aux)
+            + 0.5 * consistency_loss(out.levels, layer))
+    torch.testing.assert_close(loss, want, **TOL)
+    assert set(parts) == {"fvu", "prefix", "auxk", "cons"}
+    # the one-rank global sum (identity) changes nothing
+    again, _ = total_loss(layer, x, out, weights, dead, global_sum=lambda t: t)
+    torch.testing.assert_close(again, loss, **TOL)
+    with pytest.raises(ValueError, match="prefixes"):
+        total_loss(layer, x, layer(x), weights, dead)
