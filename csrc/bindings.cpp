@@ -1,0 +1,47 @@
+// Python bindings of the CPU ops: positional arguments in torch_sparse.py's order, outputs last.
+#include <torch/extension.h>
+
+#include "hsae_cpu.h"
+
+namespace {
+
+using hsae_cpu::OptionalTensor;
+using at::Tensor;
+
+void encode_forward(Tensor xc, Tensor W_enc, Tensor b_enc, Tensor edge_weight, Tensor path_mask, Tensor parent,
+                    OptionalTensor parent_idx, OptionalTensor parent_vals, OptionalTensor child_ptr,
+                    OptionalTensor child_ids, int64_t max_children, int64_t level_offset, int64_t level_size,
+                    int64_t kmax, bool routed, Tensor idx, Tensor scores, Tensor parent_slot) {
+  hsae_cpu::encode_forward({xc, W_enc, b_enc, edge_weight, path_mask, parent, parent_idx, parent_vals, child_ptr,
+                            child_ids, max_children, level_offset, level_size, kmax, routed, idx, scores, parent_slot});
+}
+
+void encode_backward(Tensor g_scores, Tensor idx, Tensor parent_slot, Tensor xc, Tensor W_enc, Tensor edge_weight,
+                     OptionalTensor parent_vals, OptionalTensor g_xc, OptionalTensor g_W_enc, Tensor g_b_enc,
+                     OptionalTensor g_edge, OptionalTensor g_parent_vals) {
+  hsae_cpu::encode_backward({g_scores, idx, parent_slot, xc, W_enc, edge_weight, parent_vals, g_xc, g_W_enc, g_b_enc,
+                             g_edge, g_parent_vals});
+}
+
+void decode_forward(Tensor idx, Tensor vals, Tensor W_dec, Tensor level_gain, Tensor b_dec,
+                    std::vector<int64_t> level_widths, bool prefixes, Tensor out) {
+  hsae_cpu::decode_forward({idx, vals, W_dec, level_gain, b_dec, level_widths, prefixes, out});
+}
+
+void decode_backward(Tensor g_out, Tensor g_levels, Tensor idx, Tensor vals, Tensor W_dec, Tensor level_gain,
+                     std::vector<int64_t> level_widths, bool prefixes, OptionalTensor g_vals, OptionalTensor g_W_dec,
+                     Tensor g_level_gain, Tensor g_b_dec) {
+  hsae_cpu::decode_backward({g_out, g_levels, idx, vals, W_dec, level_gain, level_widths, prefixes, g_vals, g_W_dec,
+                             g_level_gain, g_b_dec});
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  const auto release_gil = py::call_guard<py::gil_scoped_release>();
+  m.doc() = "hsae_fast's C++ CPU backend: fused top-k encode, routed encode, sparse decode, sparse backward";
+  m.def("encode_forward", &encode_forward, release_gil);
+  m.def("encode_backward", &encode_backward, release_gil);
+  m.def("decode_forward", &decode_forward, release_gil);
+  m.def("decode_backward", &decode_backward, release_gil);
+}

@@ -1,0 +1,651 @@
+// The four ops of hsae_fast/backends/torch_sparse.py for CPU: same contracts, float32 accumulation,
+// no N x F buffer, deterministic run to run (every sum has one fixed order, whatever the threads).
+//
+// Shapes: N tokens, d model width, F features (all levels), K slots per token, kp parent slots.
+// Inputs arrive contiguous from hsae_fast/backends/cpp.py: activations and small vectors in float32,
+// weight matrices in float32 or bfloat16 (read as they are, converted in registers). Outputs are
+// allocated by the glue (poisonable in tests) and every element of them is written here.
+//
+// Threads: ATen's pool (at::parallel_for, OpenMP in torch's builds), so this module never loads a
+// second OpenMP runtime. Hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at
+// load time (HSAE_VECTOR_CLONES), so the same build runs on any x86-64 CPU.
+#include "hsae_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define HSAE_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define HSAE_VECTOR_CLONES
+#endif
+
+namespace hsae_cpu {
+namespace {
+
+using at::BFloat16;
+using at::Tensor;
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Vector width of the lane-split loops below: 16 floats = one AVX-512 register (two AVX2 ones).
+constexpr int64_t kLanes = 16;
+
+// ------------------------------------------------------------------------------------ vector kernels
+// Weight rows are float or bfloat16; `load` widens one element to float (bfloat16: the top 16 bits).
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline float load(const BFloat16* p, int64_t i) {
+  uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+// Sums in kLanes independent partial sums, then adds those in a fixed order: vectorizes without
+// reassociation flags and gives the same bits on every machine width.
+inline float reduce_lanes(const float* acc) {
+  float s = 0.f;
+  for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
+// out[c] = <x, W[rows[c]]> for c < count (rows: global feature ids). Four rows share each load of x.
+template <typename W_t>
+inline void dot_rows_impl(const float* x, const W_t* W, int64_t d, const int64_t* rows, int64_t count, float* out) {
+  int64_t c = 0;
+  for (; c + 4 <= count; c += 4) {
+    const W_t* w0 = W + rows[c] * d;
+    const W_t* w1 = W + rows[c + 1] * d;
+    const W_t* w2 = W + rows[c + 2] * d;
+    const W_t* w3 = W + rows[c + 3] * d;
+    float a0[kLanes] = {}, a1[kLanes] = {}, a2[kLanes] = {}, a3[kLanes] = {};
+    int64_t i = 0;
+    for (; i + kLanes <= d; i += kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const float xv = x[i + l];
+        a0[l] += xv * load(w0, i + l);
+        a1[l] += xv * load(w1, i + l);
+        a2[l] += xv * load(w2, i + l);
+        a3[l] += xv * load(w3, i + l);
+      }
+    }
+    for (int64_t l = 0; i + l < d; ++l) {
+      a0[l] += x[i + l] * load(w0, i + l);
+      a1[l] += x[i + l] * load(w1, i + l);
+      a2[l] += x[i + l] * load(w2, i + l);
+      a3[l] += x[i + l] * load(w3, i + l);
+    }
+    out[c] = reduce_lanes(a0);
+    out[c + 1] = reduce_lanes(a1);
+    out[c + 2] = reduce_lanes(a2);
+    out[c + 3] = reduce_lanes(a3);
+  }
+  for (; c < count; ++c) {
+    const W_t* w = W + rows[c] * d;
+    float a[kLanes] = {};
+    int64_t i = 0;
+    for (; i + kLanes <= d; i += kLanes)
+      for (int64_t l = 0; l < kLanes; ++l) a[l] += x[i + l] * load(w, i + l);
+    for (int64_t l = 0; i + l < d; ++l) a[l] += x[i + l] * load(w, i + l);
+    out[c] = reduce_lanes(a);
+  }
+}
+
+// y += alpha * w (w: one weight row or one float row).
+template <typename W_t>
+inline void axpy_impl(float* y, float alpha, const W_t* w, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) y[i] += alpha * load(w, i);
+}
+
+HSAE_VECTOR_CLONES void dot_rows(const float* x, const float* W, int64_t d, const int64_t* rows, int64_t n, float* out) {
+  dot_rows_impl(x, W, d, rows, n, out);
+}
+HSAE_VECTOR_CLONES void dot_rows(const float* x, const BFloat16* W, int64_t d, const int64_t* rows, int64_t n, float* out) {
+  dot_rows_impl(x, W, d, rows, n, out);
+}
+HSAE_VECTOR_CLONES void axpy(float* y, float alpha, const float* w, int64_t d) { axpy_impl(y, alpha, w, d); }
+HSAE_VECTOR_CLONES void axpy(float* y, float alpha, const BFloat16* w, int64_t d) { axpy_impl(y, alpha, w, d); }
+
+HSAE_VECTOR_CLONES void widen_rows(const BFloat16* src, float* dst, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) dst[i] = load(src, i);
+}
+
+// ------------------------------------------------------------------------------------ running top-k
+// A min-heap of the `cap` best (score, key) pairs seen so far; the worst kept pair sits at the root.
+// Ties break toward the smaller key, so the result does not depend on the order candidates arrive in.
+struct TopK {
+  float* score;
+  int64_t* key;
+  int64_t size = 0;
+  int64_t cap;
+
+  static bool worse(float sa, int64_t ka, float sb, int64_t kb) { return sa < sb || (sa == sb && ka > kb); }
+
+  // Candidates scoring at or below this cannot enter (NaN never enters, -inf is "no candidate").
+  float threshold() const { return size < cap ? kNegInf : score[0]; }
+
+  void push(float s, int64_t k) {
+    if (!(s > kNegInf)) return;
+    if (size < cap) {
+      int64_t i = size++;
+      while (i > 0) {  // sift up
+        int64_t up = (i - 1) / 2;
+        if (!worse(s, k, score[up], key[up])) break;
+        score[i] = score[up], key[i] = key[up], i = up;
+      }
+      score[i] = s, key[i] = k;
+      return;
+    }
+    if (!worse(score[0], key[0], s, k)) return;
+    int64_t i = 0;
+    while (true) {  // sift down from the root
+      int64_t child = 2 * i + 1;
+      if (child >= size) break;
+      if (child + 1 < size && worse(score[child + 1], key[child + 1], score[child], key[child])) ++child;
+      if (!worse(score[child], key[child], s, k)) break;
+      score[i] = score[child], key[i] = key[child], i = child;
+    }
+    score[i] = s, key[i] = k;
+  }
+
+  // Best first, into score[0..size) / key[0..size).
+  void sort_best_first() {
+    std::vector<int64_t> order(size);
+    std::iota(order.begin(), order.end(), 0);
+    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return worse(score[b], key[b], score[a], key[a]); });
+    std::vector<float> s(size);
+    std::vector<int64_t> k(size);
+    for (int64_t i = 0; i < size; ++i) s[i] = score[order[i]], k[i] = key[order[i]];
+    std::copy(s.begin(), s.end(), score);
+    std::copy(k.begin(), k.end(), key);
+  }
+};
+
+// Merges one row of a score tile into a running top-k: scores[j] + bias[j] for features first..first+T.
+// Most chunks hold nothing above the threshold, and that test vectorizes.
+HSAE_VECTOR_CLONES void merge_scores(TopK& top, const float* scores, const float* bias, int64_t T, int64_t first) {
+  float thr = top.threshold();
+  int64_t j = 0;
+  for (; j + kLanes <= T; j += kLanes) {
+    int hit = 0;
+    for (int64_t l = 0; l < kLanes; ++l) hit |= (scores[j + l] + bias[j + l]) > thr;
+    if (!hit) continue;
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float s = scores[j + l] + bias[j + l];
+      if (s > thr) top.push(s, first + j + l), thr = top.threshold();
+    }
+  }
+  for (; j < T; ++j) {
+    const float s = scores[j] + bias[j];
+    if (s > thr) top.push(s, first + j), thr = top.threshold();
+  }
+}
+
+// Fixed-size row chunks for sums over tokens: the partial sums and their order do not depend on
+// how many threads run, so reductions give the same bits with 1 or 64 threads.
+constexpr int64_t kReduceRows = 64;
+
+// Entries (flat slot positions n * K + j) grouped by feature id, each group in ascending position:
+// the order every per-feature sum of the backward passes runs in.
+struct FeatureGroups {
+  std::vector<int64_t> start;  // (F + 1,)
+  std::vector<int64_t> entry;
+};
+
+template <typename Keep>
+FeatureGroups group_by_feature(const int64_t* idx, int64_t entries, int64_t F, Keep keep) {
+  FeatureGroups g;
+  g.start.assign(F + 1, 0);
+  for (int64_t e = 0; e < entries; ++e) {
+    TORCH_CHECK(idx[e] >= 0 && idx[e] < F, "idx holds feature id ", idx[e], " outside [0, ", F, ")");
+    if (keep(e)) ++g.start[idx[e] + 1];
+  }
+  for (int64_t f = 0; f < F; ++f) g.start[f + 1] += g.start[f];
+  g.entry.resize(g.start[F]);
+  std::vector<int64_t> fill(g.start.begin(), g.start.end() - 1);
+  for (int64_t e = 0; e < entries; ++e)
+    if (keep(e)) g.entry[fill[idx[e]]++] = e;
+  return g;
+}
+
+// Runs body(f_begin, f_end) over feature ranges of about equal work (entries + one row write each),
+// so a few popular features (the top level) do not leave one thread with most of the sums.
+template <typename Body>
+void for_feature_ranges(const FeatureGroups& g, int64_t F, const Body& body) {
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(F, 8 * at::get_num_threads()));
+  const double per_task = double(g.start[F] + F) / double(tasks);
+  auto boundary = [&](int64_t t) -> int64_t {
+    if (t >= tasks) return F;
+    const double target = per_task * double(t);
+    int64_t lo = 0, hi = F;  // first f with start[f] + f >= target
+    while (lo < hi) {
+      int64_t mid = (lo + hi) / 2;
+      if (double(g.start[mid] + mid) < target) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+  };
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) body(boundary(t), boundary(t + 1));
+  });
+}
+
+template <typename T>
+T* ptr_or_null(const c10::optional<Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+// ------------------------------------------------------------------------------------ dense encode
+// Rows of the score tile one task computes at a time, and features per tile: a (rows x tile) float
+// block and the tile of W stay in L2 while the top-k merge reads them.
+constexpr int64_t kDenseRows = 256;
+constexpr int64_t kDenseTile = 512;
+
+// Writes one token's kept slots: ids, scores, and the slot of each feature's parent among the
+// token's active parents (the first one holding it; -1 with no parent level or none active).
+void write_dense_row(TopK& top, int64_t n, int64_t K, int64_t lo, const int64_t* parent, const int64_t* pidx,
+                     const float* pvals, int64_t kp, int64_t* out_idx, float* out_score, int64_t* out_slot) {
+  top.sort_best_first();
+  for (int64_t j = 0; j < K; ++j) {
+    const bool filled = j < top.size;
+    const int64_t id = filled ? top.key[j] + lo : lo;
+    out_idx[n * K + j] = id;
+    out_score[n * K + j] = filled ? top.score[j] : kNegInf;
+    int64_t slot = -1;
+    for (int64_t s = 0; filled && pidx && s < kp; ++s)
+      if (pidx[n * kp + s] == parent[id] && pvals[n * kp + s] != 0.f) { slot = s; break; }
+    out_slot[n * K + j] = slot;
+  }
+}
+
+// Scores of a whole level: a GEMM per (row block, feature tile), then bias, pruned mask and the edge
+// term of gating "none", merged into a running top-k per row while the tile is in cache. With fewer
+// row blocks than threads (small N) the features are split too and the partial top-ks merged.
+template <typename W_t>
+void encode_dense_impl(const EncodeArgs& a) {
+  const int64_t N = a.xc.size(0), d = a.xc.size(1), K = a.kmax, lo = a.level_offset, Fl = a.level_size;
+  const float* xc = a.xc.data_ptr<float>();
+  const W_t* W = a.W_enc.data_ptr<W_t>() + lo * d;
+  const float* b_enc = a.b_enc.data_ptr<float>() + lo;
+  const bool* keep = a.path_mask.data_ptr<bool>() + lo;
+  const float* edge = a.edge_weight.data_ptr<float>();
+  const int64_t* pidx = ptr_or_null<int64_t>(a.parent_idx);
+  const float* pvals = ptr_or_null<float>(a.parent_vals);
+  const int64_t* child_ptr = ptr_or_null<int64_t>(a.child_ptr);
+  const int64_t* child_ids = ptr_or_null<int64_t>(a.child_ids);
+  const int64_t kp = pidx ? a.parent_idx->size(1) : 0;
+  const int64_t parent_offset = lo + Fl;
+
+  // Bias with the pruned mask folded in: a pruned feature scores -inf and never enters a top-k.
+  std::vector<float> bias(Fl);
+  for (int64_t f = 0; f < Fl; ++f) bias[f] = keep[f] ? b_enc[f] : kNegInf;
+  bool use_edges = false;
+  for (int64_t f = 0; pidx && child_ptr && f < Fl && !use_edges; ++f) use_edges = edge[lo + f] != 0.f;
+
+  const int64_t row_blocks = (N + kDenseRows - 1) / kDenseRows;
+  const int64_t tiles = (Fl + kDenseTile - 1) / kDenseTile;
+  const int64_t splits = std::min(tiles, std::max<int64_t>(1, at::get_num_threads() / row_blocks));
+  // Partial top-k of every (row, feature split), merged per row at the end.
+  std::vector<float> part_s(N * splits * K);
+  std::vector<int64_t> part_k(N * splits * K);
+  std::vector<int64_t> part_size(N * splits, 0);
+
+  at::parallel_for(0, row_blocks * splits, 1, [&](int64_t task0, int64_t task1) {
+    std::vector<float> tile(kDenseRows * kDenseTile);
+    std::vector<float> w_tile(std::is_same<W_t, float>::value ? 0 : kDenseTile * d);
+    // Per row of the block, the (local feature, edge_weight * parent value) pairs of its active
+    // parents' children, sorted by feature so each tile consumes a contiguous run.
+    std::vector<std::vector<std::pair<int64_t, float>>> bonus(use_edges ? kDenseRows : 0);
+    std::vector<size_t> cursor(kDenseRows);
+    for (int64_t task = task0; task < task1; ++task) {
+      const int64_t blk = task / splits, split = task % splits;
+      const int64_t r0 = blk * kDenseRows, rows = std::min(kDenseRows, N - r0);
+      const int64_t tile0 = tiles * split / splits, tile1 = tiles * (split + 1) / splits;
+      std::vector<TopK> tops(rows);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t part = (r0 + r) * splits + split;
+        tops[r] = TopK{part_s.data() + part * K, part_k.data() + part * K, 0, K};
+        cursor[r] = 0;
+      }
+      for (int64_t r = 0; r < rows && use_edges; ++r) {
+        bonus[r].clear();
+        const int64_t n = r0 + r;
+        for (int64_t j = 0; j < kp; ++j) {
+          const float pv = pvals[n * kp + j];
+          if (pv == 0.f) continue;
+          const int64_t p = pidx[n * kp + j] - parent_offset;
+          for (int64_t c = child_ptr[p]; c < child_ptr[p + 1]; ++c)
+            bonus[r].emplace_back(child_ids[c] - lo, edge[child_ids[c]] * pv);
+        }
+        std::stable_sort(bonus[r].begin(), bonus[r].end(), [](const auto& x, const auto& y) { return x.first < y.first; });
+      }
+      const Tensor x_blk = at::from_blob(const_cast<float*>(xc + r0 * d), {rows, d}, at::kFloat);
+      for (int64_t t = tile0; t < tile1; ++t) {
+        const int64_t f0 = t * kDenseTile, T = std::min(kDenseTile, Fl - f0);
+        const float* w_rows;
+        if constexpr (std::is_same<W_t, float>::value) {
+          w_rows = W + f0 * d;
+        } else {
+          widen_rows(W + f0 * d, w_tile.data(), T * d);
+          w_rows = w_tile.data();
+        }
+        // Inside a parallel region ATen's GEMM runs on this thread alone.
+        Tensor s_blk = at::from_blob(tile.data(), {rows, T}, at::kFloat);
+        at::mm_out(s_blk, x_blk, at::from_blob(const_cast<float*>(w_rows), {T, d}, at::kFloat).t());
+        for (int64_t r = 0; r < rows; ++r) {
+          float* srow = tile.data() + r * T;
+          if (use_edges) {
+            size_t& i = cursor[r];
+            for (; i < bonus[r].size() && bonus[r][i].first < f0 + T; ++i)
+              if (bonus[r][i].first >= f0) srow[bonus[r][i].first - f0] += bonus[r][i].second;
+          }
+          merge_scores(tops[r], srow, bias.data() + f0, T, f0);
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) part_size[(r0 + r) * splits + split] = tops[r].size;
+    }
+  });
+
+  int64_t* out_idx = a.idx.data_ptr<int64_t>();
+  float* out_score = a.scores.data_ptr<float>();
+  int64_t* out_slot = a.parent_slot.data_ptr<int64_t>();
+  const int64_t* parent = a.parent.data_ptr<int64_t>();
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> heap_s(K);
+    std::vector<int64_t> heap_k(K);
+    for (int64_t n = n0; n < n1; ++n) {
+      TopK top{part_s.data() + n * splits * K, part_k.data() + n * splits * K, part_size[n * splits], K};
+      if (splits > 1) {  // the union's top-k is unique under the (score, key) order: merge order is free
+        top = TopK{heap_s.data(), heap_k.data(), 0, K};
+        for (int64_t p = n * splits; p < (n + 1) * splits; ++p)
+          for (int64_t i = 0; i < part_size[p]; ++i) top.push(part_s[p * K + i], part_k[p * K + i]);
+      }
+      write_dense_row(top, n, K, lo, parent, pidx, pvals, kp, out_idx, out_score, out_slot);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------ routed encode
+// Candidates of token n are the children of its active parents; candidate (j, c) is child c of the
+// parent in slot j. Work runs over (token, slot) pairs sorted by parent, split into equal runs, so a
+// parent's block of W_enc rows stays in L1 while its tokens pass and a popular parent is shared.
+template <typename W_t>
+void encode_routed_impl(const EncodeArgs& a) {
+  const int64_t N = a.xc.size(0), d = a.xc.size(1), K = a.kmax, lo = a.level_offset, Fl = a.level_size;
+  const int64_t kp = a.parent_idx->size(1), C = a.max_children, width = kp * C;
+  const int64_t P = a.child_ptr->size(0) - 1, parent_offset = lo + Fl;
+  const float* xc = a.xc.data_ptr<float>();
+  const W_t* W = a.W_enc.data_ptr<W_t>();
+  const float* b_enc = a.b_enc.data_ptr<float>();
+  const float* edge = a.edge_weight.data_ptr<float>();
+  const int64_t* pidx = a.parent_idx->data_ptr<int64_t>();
+  const float* pvals = a.parent_vals->data_ptr<float>();
+  const int64_t* child_ptr = a.child_ptr->data_ptr<int64_t>();
+  const int64_t* child_ids = a.child_ids->data_ptr<int64_t>();
+  int64_t* out_idx = a.idx.data_ptr<int64_t>();
+  float* out_score = a.scores.data_ptr<float>();
+  int64_t* out_slot = a.parent_slot.data_ptr<int64_t>();
+
+  // (token, slot) pairs of active parents, counting-sorted by parent.
+  std::vector<int64_t> start(P + 1, 0);
+  for (int64_t e = 0; e < N * kp; ++e) {
+    if (pvals[e] == 0.f) continue;
+    const int64_t p = pidx[e] - parent_offset;
+    TORCH_CHECK(p >= 0 && p < P, "parent_idx holds ", pidx[e], ", not a feature of the level above");
+    ++start[p + 1];
+  }
+  for (int64_t p = 0; p < P; ++p) start[p + 1] += start[p];
+  std::vector<int64_t> pairs(start[P]);
+  {
+    std::vector<int64_t> fill(start.begin(), start.end() - 1);
+    for (int64_t e = 0; e < N * kp; ++e)
+      if (pvals[e] != 0.f) pairs[fill[pidx[e] - parent_offset]++] = e;
+  }
+
+  std::vector<float> cand(N * width, kNegInf);  // (N, kp, C) candidate scores, -inf: none
+  at::parallel_for(0, static_cast<int64_t>(pairs.size()), 16, [&](int64_t e0, int64_t e1) {
+    std::vector<float> dots(C);
+    for (int64_t e = e0; e < e1; ++e) {
+      const int64_t pair = pairs[e], n = pair / kp, j = pair % kp;
+      const int64_t p = pidx[pair] - parent_offset, first = child_ptr[p], count = child_ptr[p + 1] - first;
+      dot_rows(xc + n * d, W, d, child_ids + first, count, dots.data());
+      const float pv = pvals[pair];
+      float* out = cand.data() + n * width + j * C;
+      for (int64_t c = 0; c < count; ++c) {
+        const int64_t id = child_ids[first + c];
+        out[c] = dots[c] + b_enc[id] + edge[id] * pv;
+      }
+    }
+  });
+
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> heap_s(K);
+    std::vector<int64_t> heap_k(K);
+    for (int64_t n = n0; n < n1; ++n) {
+      TopK top{heap_s.data(), heap_k.data(), 0, K};
+      const float* row = cand.data() + n * width;
+      for (int64_t q = 0; q < width; ++q)
+        if (row[q] > top.threshold()) top.push(row[q], q);
+      top.sort_best_first();
+      for (int64_t s = 0; s < K; ++s) {
+        const bool filled = s < top.size;
+        const int64_t q = filled ? top.key[s] : 0, j = q / C;
+        out_idx[n * K + s] = filled ? child_ids[child_ptr[pidx[n * kp + j] - parent_offset] + q % C] : lo;
+        out_score[n * K + s] = filled ? top.score[s] : kNegInf;
+        out_slot[n * K + s] = filled ? j : -1;
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------ encode backward
+template <typename W_t>
+void encode_backward_impl(const EncodeGrads& a) {
+  const int64_t N = a.g_scores.size(0), K = a.g_scores.size(1), d = a.xc.size(1), F = a.W_enc.size(0);
+  const float* g = a.g_scores.data_ptr<float>();
+  const int64_t* idx = a.idx.data_ptr<int64_t>();
+  const int64_t* slot = a.parent_slot.data_ptr<int64_t>();
+  const float* xc = a.xc.data_ptr<float>();
+  const W_t* W = a.W_enc.data_ptr<W_t>();
+  const float* edge = a.edge_weight.data_ptr<float>();
+  const float* pvals = ptr_or_null<float>(a.parent_vals);
+  const int64_t kp = pvals ? a.parent_vals->size(1) : 0;
+  float* g_xc = ptr_or_null<float>(a.g_xc);
+  float* g_W = ptr_or_null<float>(a.g_W_enc);
+  float* g_b = a.g_b_enc.data_ptr<float>();
+  float* g_edge = ptr_or_null<float>(a.g_edge);
+  float* g_parent = ptr_or_null<float>(a.g_parent_vals);
+
+  // A slot with zero gradient adds nothing anywhere: only the kept slots are visited.
+  const FeatureGroups groups = group_by_feature(idx, N * K, F, [&](int64_t e) { return g[e] != 0.f; });
+  auto parent_val = [&](int64_t e) {
+    const int64_t s = slot[e];
+    return s >= 0 ? pvals[(e / K) * kp + s] : 0.f;
+  };
+  for_feature_ranges(groups, F, [&](int64_t f0, int64_t f1) {
+    for (int64_t f = f0; f < f1; ++f) {
+      float* row = g_W ? g_W + f * d : nullptr;
+      if (row) std::fill(row, row + d, 0.f);
+      float sum_g = 0.f, sum_edge = 0.f;
+      for (int64_t i = groups.start[f]; i < groups.start[f + 1]; ++i) {
+        const int64_t e = groups.entry[i];
+        sum_g += g[e];
+        if (g_edge) sum_edge += g[e] * parent_val(e);
+        if (row) axpy(row, g[e], xc + (e / K) * d, d);
+      }
+      g_b[f] = sum_g;
+      if (g_edge) g_edge[f] = sum_edge;
+    }
+  });
+  if (g_xc || g_parent) {
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        if (g_xc) std::fill(g_xc + n * d, g_xc + (n + 1) * d, 0.f);
+        if (g_parent) std::fill(g_parent + n * kp, g_parent + (n + 1) * kp, 0.f);
+        for (int64_t j = 0; j < K; ++j) {
+          const int64_t e = n * K + j;
+          if (g[e] == 0.f) continue;
+          if (g_xc) axpy(g_xc + n * d, g[e], W + idx[e] * d, d);
+          if (g_parent && slot[e] >= 0) g_parent[n * kp + slot[e]] += g[e] * edge[idx[e]];
+        }
+      }
+    });
+  }
+}
+
+// ------------------------------------------------------------------------------------ decode
+// Slots are the levels' widths side by side, bottom first: level l owns slots stops[l]..stops[l+1].
+std::vector<int64_t> level_stops(const std::vector<int64_t>& widths) {
+  std::vector<int64_t> stops(1, 0);
+  for (int64_t w : widths) stops.push_back(stops.back() + w);
+  return stops;
+}
+
+std::vector<int64_t> slot_levels(const std::vector<int64_t>& widths) {
+  std::vector<int64_t> level;
+  for (size_t l = 0; l < widths.size(); ++l) level.insert(level.end(), widths[l], static_cast<int64_t>(l));
+  return level;
+}
+
+template <typename W_t, typename Out_t>
+void decode_forward_impl(const DecodeArgs& a) {
+  const int64_t N = a.idx.size(0), K = a.idx.size(1), d = a.W_dec.size(1), F = a.W_dec.size(0);
+  const int64_t L = static_cast<int64_t>(a.level_widths.size());
+  const int64_t* idx = a.idx.data_ptr<int64_t>();
+  const float* vals = a.vals.data_ptr<float>();
+  const W_t* W = a.W_dec.data_ptr<W_t>();
+  const float* gain = a.level_gain.data_ptr<float>();
+  const float* b_dec = a.b_dec.data_ptr<float>();
+  Out_t* out = a.out.data_ptr<Out_t>();
+  const std::vector<int64_t> level = slot_levels(a.level_widths);
+  for (int64_t e = 0; e < N * K; ++e)
+    TORCH_CHECK(idx[e] >= 0 && idx[e] < F, "idx holds feature id ", idx[e], " outside [0, ", F, ")");
+
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> sum(d), running(d);
+    for (int64_t n = n0; n < n1; ++n) {
+      if (!a.prefixes) {  // x_hat = b_dec + sum_j gain_l(j) * vals[n, j] * W_dec[idx[n, j]]
+        std::fill(sum.begin(), sum.end(), 0.f);
+        for (int64_t j = 0; j < K; ++j) {
+          const float v = vals[n * K + j];
+          if (v != 0.f) axpy(sum.data(), v * gain[level[j]], W + idx[n * K + j] * d, d);
+        }
+        for (int64_t i = 0; i < d; ++i) out[n * d + i] = static_cast<Out_t>(sum[i] + b_dec[i]);
+        continue;
+      }
+      // P_m = b_dec + sum_{l >= m} gain_l * D_l, built from the top level down.
+      std::copy(b_dec, b_dec + d, running.begin());
+      int64_t stop = K;
+      for (int64_t l = L - 1; l >= 0; --l) {
+        const int64_t begin = stop - a.level_widths[l];
+        std::fill(sum.begin(), sum.end(), 0.f);
+        for (int64_t j = begin; j < stop; ++j) {
+          const float v = vals[n * K + j];
+          if (v != 0.f) axpy(sum.data(), v, W + idx[n * K + j] * d, d);
+        }
+        for (int64_t i = 0; i < d; ++i) running[i] += gain[l] * sum[i];
+        Out_t* dst = out + (l * N + n) * d;
+        for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<Out_t>(running[i]);
+        stop = begin;
+      }
+    }
+  });
+}
+
+template <typename W_t>
+void decode_backward_impl(const DecodeGrads& a) {
+  const int64_t N = a.idx.size(0), K = a.idx.size(1), d = a.W_dec.size(1), F = a.W_dec.size(0);
+  const int64_t L = static_cast<int64_t>(a.level_widths.size());
+  // g_levels[l]: the gradient reaching level l's decode, (L, N, d) with prefixes (a running sum of
+  // the prefixes' gradients, computed by the glue) else the one (N, d) gradient of x_hat.
+  const float* g_levels = a.g_levels.data_ptr<float>();
+  const int64_t level_stride = a.prefixes ? N * d : 0;
+  const int64_t* idx = a.idx.data_ptr<int64_t>();
+  const float* vals = a.vals.data_ptr<float>();
+  const W_t* W = a.W_dec.data_ptr<W_t>();
+  const float* gain = a.level_gain.data_ptr<float>();
+  float* g_vals = ptr_or_null<float>(a.g_vals);
+  float* g_W = ptr_or_null<float>(a.g_W_dec);
+  float* g_gain = a.g_level_gain.data_ptr<float>();
+  float* g_b = a.g_b_dec.data_ptr<float>();
+  const std::vector<int64_t> level = slot_levels(a.level_widths), stops = level_stops(a.level_widths);
+  auto g_row = [&](int64_t l, int64_t n) { return g_levels + l * level_stride + n * d; };
+
+  // g_b_dec: every output row's gradient summed; g_gain[l] = sum vals * <g_l, W_dec[idx]>.
+  const float* g_out = a.g_out.data_ptr<float>();
+  const int64_t out_rows = a.g_out.numel() / std::max<int64_t>(d, 1);
+  const int64_t chunks = std::max<int64_t>(1, (std::max(out_rows, N) + kReduceRows - 1) / kReduceRows);
+  std::vector<float> b_part(chunks * d, 0.f), gain_part(chunks * L, 0.f);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> dots(K);
+    for (int64_t c = c0; c < c1; ++c) {
+      float* bp = b_part.data() + c * d;
+      for (int64_t r = c * kReduceRows; r < std::min(out_rows, (c + 1) * kReduceRows); ++r)
+        for (int64_t i = 0; i < d; ++i) bp[i] += g_out[r * d + i];
+      if (!g_vals) continue;
+      for (int64_t n = c * kReduceRows; n < std::min(N, (c + 1) * kReduceRows); ++n) {
+        for (int64_t l = 0; l < L; ++l)
+          dot_rows(g_row(l, n), W, d, idx + n * K + stops[l], stops[l + 1] - stops[l], dots.data() + stops[l]);
+        for (int64_t j = 0; j < K; ++j) {
+          g_vals[n * K + j] = dots[j] * gain[level[j]];
+          gain_part[c * L + level[j]] += vals[n * K + j] * dots[j];
+        }
+      }
+    }
+  });
+  std::fill(g_b, g_b + d, 0.f);
+  std::fill(g_gain, g_gain + L, 0.f);
+  for (int64_t c = 0; c < chunks; ++c) {
+    for (int64_t i = 0; i < d; ++i) g_b[i] += b_part[c * d + i];
+    for (int64_t l = 0; l < L; ++l) g_gain[l] += gain_part[c * L + l];
+  }
+  if (!g_W) return;
+  // g_W_dec[f] = sum over slots holding f of gain_l * vals * g_l[n]; zero values add nothing.
+  const FeatureGroups groups = group_by_feature(a.idx.data_ptr<int64_t>(), N * K, F, [&](int64_t e) { return vals[e] != 0.f; });
+  for_feature_ranges(groups, F, [&](int64_t f0, int64_t f1) {
+    for (int64_t f = f0; f < f1; ++f) {
+      float* row = g_W + f * d;
+      std::fill(row, row + d, 0.f);
+      for (int64_t i = groups.start[f]; i < groups.start[f + 1]; ++i) {
+        const int64_t e = groups.entry[i], n = e / K, l = level[e % K];
+        axpy(row, vals[e] * gain[l], g_row(l, n), d);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------ entry points
+void encode_forward(const EncodeArgs& args) {
+  if (args.kmax == 0 || args.xc.size(0) == 0) return;
+  const bool bf16 = args.W_enc.scalar_type() == at::kBFloat16;
+  if (args.routed) {
+    if (args.max_children == 0) {
+      args.idx.fill_(args.level_offset), args.scores.fill_(kNegInf), args.parent_slot.fill_(-1);
+      return;
+    }
+    bf16 ? encode_routed_impl<BFloat16>(args) : encode_routed_impl<float>(args);
+  } else {
+    bf16 ? encode_dense_impl<BFloat16>(args) : encode_dense_impl<float>(args);
+  }
+}
+
+void encode_backward(const EncodeGrads& grads) {
+  grads.W_enc.scalar_type() == at::kBFloat16 ? encode_backward_impl<BFloat16>(grads) : encode_backward_impl<float>(grads);
+}
+
+void decode_forward(const DecodeArgs& args) {
+  const bool bf16 = args.W_dec.scalar_type() == at::kBFloat16;
+  bf16 ? decode_forward_impl<BFloat16, BFloat16>(args) : decode_forward_impl<float, float>(args);
+}
+
+void decode_backward(const DecodeGrads& grads) {
+  grads.W_dec.scalar_type() == at::kBFloat16 ? decode_backward_impl<BFloat16>(grads) : decode_backward_impl<float>(grads);
+}
+
+}  // namespace hsae_cpu

@@ -1,0 +1,53 @@
+// Argument bundles of the four CPU ops (see hsae_cpu.cpp; contracts: hsae_fast/backends/torch_sparse.py).
+// Float inputs are float32 except the weight matrices (float32 or bfloat16); outputs are written in place.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace hsae_cpu {
+
+using OptionalTensor = c10::optional<at::Tensor>;
+
+struct EncodeArgs {
+  at::Tensor xc, W_enc, b_enc, edge_weight, path_mask, parent;
+  OptionalTensor parent_idx, parent_vals, child_ptr, child_ids;
+  int64_t max_children, level_offset, level_size, kmax;
+  bool routed;
+  at::Tensor idx, scores, parent_slot;  // (N, kmax) outputs
+};
+
+struct EncodeGrads {
+  at::Tensor g_scores, idx, parent_slot, xc, W_enc, edge_weight;
+  OptionalTensor parent_vals;
+  // Outputs; an absent one is not computed. g_b_enc is always.
+  OptionalTensor g_xc, g_W_enc;
+  at::Tensor g_b_enc;
+  OptionalTensor g_edge, g_parent_vals;
+};
+
+struct DecodeArgs {
+  at::Tensor idx, vals, W_dec, level_gain, b_dec;
+  std::vector<int64_t> level_widths;
+  bool prefixes;
+  at::Tensor out;  // (N, d) or (L, N, d), W_dec's dtype
+};
+
+struct DecodeGrads {
+  // g_out: the output's gradient as given; g_levels: the gradient each level's decode receives
+  // ((L, N, d) running sums with prefixes, else g_out itself).
+  at::Tensor g_out, g_levels, idx, vals, W_dec, level_gain;
+  std::vector<int64_t> level_widths;
+  bool prefixes;
+  OptionalTensor g_vals, g_W_dec;
+  at::Tensor g_level_gain, g_b_dec;
+};
+
+void encode_forward(const EncodeArgs& args);
+void encode_backward(const EncodeGrads& grads);
+void decode_forward(const DecodeArgs& args);
+void decode_backward(const DecodeGrads& grads);
+
+}  // namespace hsae_cpu

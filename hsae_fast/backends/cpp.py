@@ -1,0 +1,157 @@
+"""The `cpp` backend: the four ops of `torch_sparse.py` in C++ for CPU tensors (csrc/hsae_cpu.cpp).
+
+Same signatures and semantics as the torch backend. float32 and bfloat16 weights are read as they
+are with float32 accumulation; float16 weights are upcast here (one copy per call); float64 runs
+the torch backend's functions (the exactness path). Outputs are allocated here with `new_output`,
+so poisoned-output tests see every element the C++ code fails to write.
+
+Which build is used (decided once per process):
+- `HSAE_CPP_JIT=1`: compile csrc/ with `torch.utils.cpp_extension.load` on first use, cached under
+  `TORCH_EXTENSIONS_DIR` (default ~/.cache/torch_extensions) and rebuilt whenever a source or flag
+  changes. The development path, and the one the test suite takes (tests/conftest.py), so tests run
+  the sources as they are now, never a stale build. A first build takes about a minute.
+- otherwise: the module `pip install -e .` built (`hsae_fast._hsae_cpu`); if it is missing (no
+  compiler at install time) the backend reports itself unavailable and `backend="auto"` picks `torch`.
+  Not JIT by default: a library import should not stall for a minute of compiling without asking.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import runpy
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import torch_sparse
+from .common import new_output
+
+NAME = "cpp"
+_CSRC = Path(__file__).resolve().parents[2] / "csrc"
+_module = None
+_status: Optional[tuple[bool, str]] = None
+
+
+def _load_jit():
+    from torch.utils.cpp_extension import load
+
+    if not (_CSRC / "build_config.py").exists():
+        raise RuntimeError(f"HSAE_CPP_JIT=1 but the C++ sources are not at {_CSRC} (not a source checkout)")
+    config = runpy.run_path(str(_CSRC / "build_config.py"))
+    return load(
+        name="hsae_fast_cpu_jit",
+        sources=[str(_CSRC / name) for name in config["SOURCES"]],
+        extra_cflags=list(config["CXX_FLAGS"]),
+        verbose=os.environ.get("HSAE_CPP_VERBOSE", "") == "1",
+    )
+
+
+def available() -> tuple[bool, str]:
+    global _module, _status
+    if _status is None:
+        jit = os.environ.get("HSAE_CPP_JIT", "") == "1"
+        try:
+            _module = _load_jit() if jit else importlib.import_module("hsae_fast._hsae_cpu")
+            _status = (True, f"C++/OpenMP CPU ops ({'JIT build of csrc/' if jit else 'built by pip install'})")
+        except Exception as exc:  # no compiler, no build: the package must still import
+            how = "JIT build failed" if jit else "hsae_fast._hsae_cpu is not built"
+            _status = (False, f"{how}: {type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}")
+    return _status
+
+
+def supports(device: torch.device) -> bool:
+    return torch.device(device).type == "cpu"
+
+
+def _ext():
+    ok, reason = available()
+    if not ok:
+        raise RuntimeError(f"the cpp backend is not available: {reason}")
+    return _module
+
+
+def _f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
+def _weights(W: torch.Tensor) -> torch.Tensor:
+    """float32 and bfloat16 weights go in as they are; anything else (float16) is upcast."""
+    return W.contiguous() if W.dtype in (torch.float32, torch.bfloat16) else W.float().contiguous()
+
+
+def _grad_buffer(needed: bool, shape) -> Optional[torch.Tensor]:
+    """A float32 CPU gradient the C++ code writes completely, or None where it is not asked for."""
+    return new_output(shape, torch.float32, torch.device("cpu")) if needed else None
+
+
+def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def encode_forward(xc, W_enc, b_enc, edge_weight, path_mask, parent, parent_idx, parent_vals, child_ptr, child_ids,
+                   max_children: int, level_offset: int, level_size: int, kmax: int, routed: bool):
+    """See `torch_sparse.encode_forward`."""
+    if W_enc.dtype == torch.float64:
+        return torch_sparse.encode_forward(xc, W_enc, b_enc, edge_weight, path_mask, parent, parent_idx, parent_vals,
+                                           child_ptr, child_ids, max_children, level_offset, level_size, kmax, routed)
+    N = xc.shape[0]
+    idx = new_output((N, kmax), torch.int64, xc.device)
+    scores = new_output((N, kmax), torch.float32, xc.device)
+    parent_slot = new_output((N, kmax), torch.int64, xc.device)
+    _ext().encode_forward(
+        _f32(xc), _weights(W_enc), _f32(b_enc), _f32(edge_weight), path_mask.contiguous(), parent.contiguous(),
+        _contiguous(parent_idx), _f32(parent_vals), _contiguous(child_ptr), _contiguous(child_ids),
+        max_children, level_offset, level_size, kmax, routed, idx, scores, parent_slot,
+    )
+    return idx, scores, parent_slot
+
+
+def encode_backward(g_scores, idx, parent_slot, xc, W_enc, edge_weight, parent_vals,
+                    need_xc: bool, need_W_enc: bool, need_edge: bool, need_parent_vals: bool):
+    """See `torch_sparse.encode_backward`."""
+    if W_enc.dtype == torch.float64:
+        return torch_sparse.encode_backward(g_scores, idx, parent_slot, xc, W_enc, edge_weight, parent_vals,
+                                            need_xc, need_W_enc, need_edge, need_parent_vals)
+    F = W_enc.shape[0]
+    has_parent = parent_vals is not None
+    g_xc = _grad_buffer(need_xc, xc.shape)
+    g_W = _grad_buffer(need_W_enc, W_enc.shape)
+    g_b = _grad_buffer(True, (F,))
+    g_edge = _grad_buffer(has_parent and need_edge, (F,))
+    g_parent = _grad_buffer(has_parent and need_parent_vals, parent_vals.shape if has_parent else None)
+    _ext().encode_backward(
+        _f32(g_scores), idx.contiguous(), parent_slot.contiguous(), _f32(xc), _weights(W_enc), _f32(edge_weight),
+        _f32(parent_vals), g_xc, g_W, g_b, g_edge, g_parent,
+    )
+    return g_xc, g_W, g_b, g_edge, g_parent
+
+
+def decode_forward(idx, vals, W_dec, level_gain, b_dec, level_widths: list[int], prefixes: bool):
+    """See `torch_sparse.decode_forward`."""
+    if W_dec.dtype == torch.float64:
+        return torch_sparse.decode_forward(idx, vals, W_dec, level_gain, b_dec, level_widths, prefixes)
+    W = _weights(W_dec)
+    shape = (len(level_widths), idx.shape[0], W.shape[1]) if prefixes else (idx.shape[0], W.shape[1])
+    out = new_output(shape, W.dtype, W.device)
+    _ext().decode_forward(idx.contiguous(), _f32(vals), W, _f32(level_gain), _f32(b_dec), list(level_widths),
+                          prefixes, out)
+    return out.to(W_dec.dtype)
+
+
+def decode_backward(g_out, idx, vals, W_dec, level_gain, level_widths: list[int], prefixes: bool,
+                    need_vals: bool, need_W_dec: bool, need_gain: bool):
+    """See `torch_sparse.decode_backward`."""
+    if W_dec.dtype == torch.float64:
+        return torch_sparse.decode_backward(g_out, idx, vals, W_dec, level_gain, level_widths, prefixes,
+                                            need_vals, need_W_dec, need_gain)
+    g = _f32(g_out)
+    # With prefixes, level l's decode appears in P_0 .. P_l, so its gradient is the sum of theirs.
+    g_levels = torch.cumsum(g, 0) if prefixes else g
+    g_vals = _grad_buffer(need_vals or need_gain, idx.shape)
+    g_W = _grad_buffer(need_W_dec, W_dec.shape)
+    g_gain = _grad_buffer(True, (len(level_widths),))
+    g_b = _grad_buffer(True, (W_dec.shape[1],))
+    _ext().decode_backward(g, g_levels, idx.contiguous(), _f32(vals), _weights(W_dec), _f32(level_gain),
+                           list(level_widths), prefixes, g_vals, g_W, g_gain, g_b)
+    return g_vals, g_W, g_gain, g_b
