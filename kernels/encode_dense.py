@@ -1,0 +1,160 @@
+"""Dense encode of one level (the top level, a flat SAE, or any level with gating "none").
+
+    s[n, i] = (x - b_dec)[n] . W_enc[i] + b_enc[i] (+ edge_weight[i] * a_parent[n, parent[i]])
+
+for every unpruned feature i of the level, and each token's kmax largest, without ever holding
+the N x F_l scores. Each program owns a block of rows and a chunk of the level's features; it
+walks the chunk tile by tile (a GEMM tile on the tensor cores), and folds each tile into a
+running per-row top-kmax kept in registers: the tile's best element of every row replaces the
+row's current worst while it beats it, so after the first tiles most tiles need one or two
+steps. The (N, n_chunks, kmax) partial winners are merged by `kernels.select.top_candidates`.
+Memory: O(N * n_chunks * kmax).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRETED, acc_dtype, dot_operand_dtype, dot_precision, num_sms
+from .select import top_candidates
+
+
+@triton.jit
+def _dense_topk_kernel(
+    xc_ptr, w_ptr, b_ptr, live_ptr,            # xc (N, d); W_enc (F, d); b_enc (F,); path_mask (F,) int8
+    edge_ptr, parent_ptr, pidx_ptr, pval_ptr,  # edge_weight (F,), parent (F,); parent codes (N, kp): HAS_PARENT only
+    out_score_ptr, out_id_ptr, out_slot_ptr,   # partial winners (N, n_chunks, KMAX)
+    N, d, kp, level_offset, level_size, chunk_size, n_chunks,
+    KMAX: tl.constexpr, KPAD: tl.constexpr,
+    HAS_PARENT: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    chunk = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    tile_cols = tl.arange(0, BLOCK_F)
+    best_cols = tl.arange(0, KPAD)
+    # Running winners of each row. Pad columns (>= KMAX) hold +inf so they are never the worst.
+    best = tl.where(best_cols[None, :] < KMAX, float("-inf"), float("inf")) + tl.zeros((BLOCK_N, KPAD), ACC)
+    best_id = tl.zeros((BLOCK_N, KPAD), tl.int32) + level_offset
+    best_slot = tl.zeros((BLOCK_N, KPAD), tl.int32) - 1
+
+    chunk_lo = chunk * chunk_size
+    chunk_hi = tl.minimum(chunk_lo + chunk_size, level_size)
+    for f0 in range(chunk_lo, chunk_hi, BLOCK_F):
+        feats = level_offset + f0 + tile_cols
+        feat_ok = f0 + tile_cols < chunk_hi
+        acc = tl.zeros((BLOCK_N, BLOCK_F), ACC)
+        for k0 in range(0, d, BLOCK_D):
+            ks = k0 + tl.arange(0, BLOCK_D)
+            k_ok = ks < d
+            x = tl.load(xc_ptr + rows[:, None] * d + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + feats[None, :] * d + ks[:, None], mask=feat_ok[None, :] & k_ok[:, None], other=0.0)
+            acc = tl.dot(x.to(DOT), w.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
+        s = acc + tl.load(b_ptr + feats, mask=feat_ok, other=0.0).to(ACC)[None, :]
+        slot = tl.zeros((BLOCK_N, BLOCK_F), tl.int32) - 1
+        if HAS_PARENT:
+            # Edge term: a child's score gets edge_weight * its parent's activation, where active.
+            my_parent = tl.load(parent_ptr + feats, mask=feat_ok, other=-1)
+            edge = tl.load(edge_ptr + feats, mask=feat_ok, other=0.0).to(ACC)
+            for j in range(0, kp):
+                p_id = tl.load(pidx_ptr + rows * kp + j, mask=row_ok, other=-1)
+                p_val = tl.load(pval_ptr + rows * kp + j, mask=row_ok, other=0.0).to(ACC)
+                match = (my_parent[None, :] == p_id[:, None]) & (p_val[:, None] != 0)
+                s += tl.where(match, edge[None, :] * p_val[:, None], 0.0)
+                slot = tl.where(match, j, slot)
+        live = feat_ok & (tl.load(live_ptr + feats, mask=feat_ok, other=0) != 0)
+        s = tl.where(live[None, :] & row_ok[:, None], s, float("-inf"))
+
+        # Fold the tile into the running winners: move each row's tile maximum in while it beats
+        # the row's worst winner (rows that do not improve are left unchanged).
+        top = tl.max(s, axis=1)
+        improving = top > tl.min(best, axis=1)
+        while tl.sum(improving.to(tl.int32)) > 0:
+            top_col = tl.argmax(s, axis=1)
+            at_top = tile_cols[None, :] == top_col[:, None]
+            worst_col = tl.argmin(best, axis=1)
+            put = (best_cols[None, :] == worst_col[:, None]) & improving[:, None]
+            best = tl.where(put, top[:, None], best)
+            best_id = tl.where(put, (level_offset + f0 + top_col)[:, None], best_id)
+            if HAS_PARENT:
+                top_slot = tl.sum(tl.where(at_top, slot, 0), axis=1)
+                best_slot = tl.where(put, top_slot[:, None], best_slot)
+            s = tl.where(at_top, float("-inf"), s)
+            top = tl.max(s, axis=1)
+            improving = top > tl.min(best, axis=1)
+
+    out = (rows[:, None] * n_chunks + chunk) * KMAX + best_cols[None, :]
+    out_ok = row_ok[:, None] & (best_cols[None, :] < KMAX)
+    tl.store(out_score_ptr + out, best, mask=out_ok)
+    tl.store(out_id_ptr + out, best_id, mask=out_ok)
+    tl.store(out_slot_ptr + out, best_slot, mask=out_ok)
+
+
+def _gpu_configs():
+    configs = []
+    for block_n, block_f, warps in ((64, 128, 4), (128, 128, 8), (128, 64, 4), (64, 64, 4)):
+        for stages in (3, 4):
+            configs.append(triton.Config({"BLOCK_N": block_n, "BLOCK_F": block_f, "BLOCK_D": 64},
+                                         num_warps=warps, num_stages=stages))
+    return configs
+
+
+# The interpreter runs one program at a time in numpy: few, large blocks are fastest there.
+_INTERPRETER_BLOCKS = {"BLOCK_N": 32, "BLOCK_F": 32, "BLOCK_D": 16}
+
+if INTERPRETED:
+    _dense_topk = _dense_topk_kernel
+else:
+    _dense_topk = triton.autotune(configs=_gpu_configs(), key=["d", "KMAX", "HAS_PARENT"])(_dense_topk_kernel)
+
+
+def _num_chunks(N: int, level_size: int, device: torch.device) -> int:
+    """Feature chunks per row block: enough programs to fill the GPU twice, never empty chunks."""
+    if INTERPRETED:
+        return 1
+    row_blocks = triton.cdiv(N, 64)
+    return max(1, min(triton.cdiv(2 * num_sms(device), row_blocks), triton.cdiv(level_size, 128)))
+
+
+def encode_dense(xc, W_enc, b_enc, path_mask, level_offset: int, level_size: int, kmax: int,
+                 edge_weight=None, parent=None, parent_idx=None, parent_vals=None):
+    """Each token's kmax best unpruned features of level [level_offset, level_offset + level_size).
+
+    xc (N, d) = x - b_dec; W_enc (F, d); b_enc, path_mask (F,). With parent codes (gating "none"
+    below the top): edge_weight, parent (F,), parent_idx / parent_vals (N, kp) add the edge term
+    and report each winner's parent slot. Returns idx (N, kmax) int64, scores (N, kmax) float32
+    (float64 for float64 input; -inf where no candidate, id `level_offset`), parent_slot (N, kmax).
+    """
+    xc, W_enc, b_enc = xc.contiguous(), W_enc.contiguous(), b_enc.contiguous()
+    N, d = xc.shape
+    device = xc.device
+    has_parent = parent_idx is not None
+    acc_torch = torch.float64 if xc.dtype == torch.float64 else torch.float32
+    n_chunks = _num_chunks(N, level_size, device)
+    chunk_size = triton.cdiv(level_size, n_chunks)
+    part_scores = torch.empty((N, n_chunks, kmax), dtype=acc_torch, device=device)
+    part_ids = torch.empty((N, n_chunks, kmax), dtype=torch.int32, device=device)
+    part_slots = torch.empty((N, n_chunks, kmax), dtype=torch.int32, device=device)
+    if N:
+        live = path_mask.to(torch.int8)
+        if has_parent:
+            parent_args = (edge_weight.contiguous(), parent.contiguous(), parent_idx.contiguous(),
+                           parent_vals.contiguous(), parent_idx.shape[1])
+        else:  # never read: HAS_PARENT is a compile-time False
+            parent_args = (b_enc, live, live, b_enc, 0)
+        edge_arg, parent_arg, pidx_arg, pval_arg, kp = parent_args
+        blocks = {} if not INTERPRETED else dict(_INTERPRETER_BLOCKS)
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_chunks)  # noqa: E731
+        _dense_topk[grid](
+            xc, W_enc, b_enc, live, edge_arg, parent_arg, pidx_arg, pval_arg,
+            part_scores, part_ids, part_slots,
+            N, d, kp, level_offset, level_size, chunk_size, n_chunks,
+            KMAX=kmax, KPAD=triton.next_power_of_2(kmax), HAS_PARENT=has_parent,
+            ACC=acc_dtype(xc.dtype), DOT=dot_operand_dtype(xc.dtype), PRECISION=dot_precision(xc.dtype),
+            **blocks,
+        )
+    return top_candidates(part_scores.view(N, -1), part_ids.view(N, -1),
+                          part_slots.view(N, -1) if has_parent else None, kmax, level_offset)

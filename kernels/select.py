@@ -1,0 +1,44 @@
+"""Per-token top-kmax over candidate lists: the last step of both encodes.
+
+The dense encode leaves (N, n_chunks * kmax) partial winners, the routed encode (N, kp * C)
+scores of the children of active parents; both are O(N * K), so one `torch.topk` over them is
+the cheap exact merge. Batch selection itself (the k*N-th largest of these) lives in
+`hsae_fast/selection.py` and needs no kernel.
+"""
+from __future__ import annotations
+
+import torch
+
+from hsae_fast.backends.common import new_output
+
+
+def top_candidates(cand_scores: torch.Tensor, cand_ids: torch.Tensor, cand_slots: torch.Tensor | None,
+                   kmax: int, level_offset: int, slot_width: int = 0):
+    """Each row's kmax best candidates, in the encode contract's layout.
+
+    cand_scores (N, M) (-inf: no candidate), cand_ids (N, M) global ids, cand_slots (N, M) parent
+    slots or None; with `slot_width` > 0 the parent slot is the candidate's column // slot_width
+    (the routed layout). Returns idx (N, kmax) int64, scores (N, kmax), parent_slot (N, kmax) int64;
+    slots without a candidate hold -inf, id `level_offset` and parent slot -1.
+    """
+    N, M = cand_scores.shape
+    device = cand_scores.device
+    idx = new_output((N, kmax), torch.int64, device)
+    scores = new_output((N, kmax), cand_scores.dtype, device)
+    parent_slot = new_output((N, kmax), torch.int64, device)
+    width = min(kmax, M)
+    top_scores, top_pos = cand_scores.topk(width, dim=1)
+    empty = top_scores == float("-inf")
+    scores[:, :width] = top_scores
+    idx[:, :width] = torch.where(empty, level_offset, cand_ids.gather(1, top_pos).to(torch.int64))
+    if slot_width > 0:
+        slots = top_pos // slot_width
+    elif cand_slots is not None:
+        slots = cand_slots.gather(1, top_pos).to(torch.int64)
+    else:
+        slots = torch.full_like(top_pos, -1)
+    parent_slot[:, :width] = torch.where(empty, -1, slots)
+    scores[:, width:] = float("-inf")
+    idx[:, width:] = level_offset
+    parent_slot[:, width:] = -1
+    return idx, scores, parent_slot
