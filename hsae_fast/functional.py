@@ -41,7 +41,7 @@ def encode(
     for l in reversed(range(L)):
         above = codes[l + 1] if l < L - 1 else None
         children = plan.children[l] if l < L - 1 else None
-        idx, scores, _slot = encode_level(
+        scores, idx, _slot = encode_level(
             xc, W_enc, b_enc, edge_weight, path_mask, parent,
             above.idx if above else None, above.vals if above else None,
             children.child_ptr if children else None, children.child_ids if children else None,

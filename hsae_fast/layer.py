@@ -89,7 +89,10 @@ class HSAELayer(nn.Module):
         if x.device != self.W_enc.device:
             raise ValueError(f"HSAELayer input is on {x.device} but the weights are on {self.W_enc.device}")
         x2 = x.reshape(-1, self.cfg.d_model)
-        if self.cfg.check_finite and x2.numel() and not torch.isfinite(x2).all():
+        if self.cfg.check_finite and torch.compiler.is_compiling():
+            # a compiled graph cannot branch on data: the check runs inside it and raises there
+            torch._assert_async(torch.isfinite(x2).all(), "HSAELayer input holds NaN or Inf")
+        elif self.cfg.check_finite and x2.numel() and not torch.isfinite(x2).all():
             bad = (~torch.isfinite(x2)).nonzero()[0].tolist()
             raise ValueError(
                 f"HSAELayer input holds NaN or Inf (first at flattened row {bad[0]}, column {bad[1]}); "

@@ -30,14 +30,14 @@ def encode_level(
     routed: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """xc (N, d) -> idx (N, kmax) int64, scores (N, kmax) float32/64, parent_slot (N, kmax) int64.
-    See `torch_sparse.encode_forward` for the contract every backend implements."""
-    return tuple(
-        get_backend(backend).encode_forward(
-            xc, W_enc, b_enc, edge_weight, path_mask, parent, parent_idx, parent_vals, child_ptr, child_ids,
-            max_children, level_offset, level_size, kmax, routed,
-        )
+    """xc (N, d) -> scores (N, kmax) float32/64, idx (N, kmax) int64, parent_slot (N, kmax) int64.
+    See `torch_sparse.encode_forward` for the contract every backend implements (it returns idx
+    first; the op puts the differentiable output first, as opcheck's autograd test expects)."""
+    idx, scores, parent_slot = get_backend(backend).encode_forward(
+        xc, W_enc, b_enc, edge_weight, path_mask, parent, parent_idx, parent_vals, child_ptr, child_ids,
+        max_children, level_offset, level_size, kmax, routed,
     )
+    return scores, idx, parent_slot
 
 
 @encode_level.register_fake
@@ -45,7 +45,7 @@ def _(xc, W_enc, b_enc, edge_weight, path_mask, parent, parent_idx, parent_vals,
       max_children, level_offset, level_size, kmax, routed, backend):
     N = xc.shape[0]
     acc = accumulation_dtype(xc.dtype)
-    return (xc.new_empty((N, kmax), dtype=torch.int64), xc.new_empty((N, kmax), dtype=acc),
+    return (xc.new_empty((N, kmax), dtype=acc), xc.new_empty((N, kmax), dtype=torch.int64),
             xc.new_empty((N, kmax), dtype=torch.int64))
 
 
@@ -89,11 +89,11 @@ def _(g_scores, idx, parent_slot, xc, W_enc, edge_weight, parent_vals, need_xc, 
 def _setup_context(ctx, inputs, output):
     xc, W_enc, _b, edge_weight, _m, _p, _pi, parent_vals = inputs[:8]
     ctx.backend = inputs[-1]
-    idx, _scores, parent_slot = output
+    _scores, idx, parent_slot = output
     ctx.save_for_backward(xc, W_enc, edge_weight, parent_vals, idx, parent_slot)
 
 
-def _backward(ctx, _g_idx, g_scores, _g_slot):
+def _backward(ctx, g_scores, _g_idx, _g_slot):
     xc, W_enc, edge_weight, parent_vals, idx, parent_slot = ctx.saved_tensors
     need = ctx.needs_input_grad
     has_parent = parent_vals is not None
