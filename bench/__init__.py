@@ -1,0 +1,1 @@
+"""`pytest bench/`: the benchmark harness (see bench/README.md); `python -m bench.report` renders its results."""

@@ -1,0 +1,179 @@
+"""Runs one case: builds and checks its implementations, times them round-robin under pytest-benchmark,
+measures peak memory, and puts every candidate's figures in `benchmark.extra_info`."""
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .candidates import build_implementation, check_rows, implementation_plan
+from .cases import Case, ModelSpec, work
+from .timing import (LoadWindow, RoundRobin, Timed, measure_ceilings, memory_method, paired_ratio,
+                     peak_memory_bytes, summarize)
+
+FLOOR = "encoder GEMM"  # x @ W_enc.T alone: a flat SAE's unavoidable work, and the target of issue 5
+DENSE_ENCODE = "matmul+topk"  # a flat TopK encode done densely: the encode baseline
+MIN_ROUNDS = 3
+
+
+def case_seed(case: Case) -> int:
+    return zlib.crc32(case.name.encode()) % (2**31)
+
+
+@dataclass
+class BenchState:
+    """Session-wide: the device, round counts, and the implementations of the current shape (built and
+    checked once, reused by the next case with the same shape, dropped when the shape changes)."""
+
+    device: torch.device
+    rounds: int  # at most this many timed rounds per case
+    warmup: int
+    budget_s: Optional[float] = None  # fewer rounds (never under MIN_ROUNDS) when a round is slow
+    implementations: dict = field(default_factory=dict)
+    bases: dict = field(default_factory=dict)
+    ceilings: dict = field(default_factory=dict)
+
+    def ceilings_for(self, dtype: torch.dtype) -> dict:
+        key = str(dtype).replace("torch.", "")
+        if key not in self.ceilings:
+            self.ceilings[key] = measure_ceilings(self.device, dtype)
+        return self.ceilings[key]
+
+    def keep_only(self, shapes: set) -> None:
+        """Drop what no (spec, d, dtype) in `shapes` uses: the memory goes to the next shape."""
+        for cache in (self.implementations, self.bases):
+            for key in [k for k in cache if k[-3:] not in shapes]:
+                del cache[key]
+
+    def base(self, spec: ModelSpec, d: int, dtype: torch.dtype, seed: int):
+        from .candidates import base_layer
+
+        key = (spec, d, dtype)
+        if key not in self.bases:
+            self.bases[key] = base_layer(spec, d, dtype, self.device, seed)
+        return self.bases[key]
+
+    def implementation(self, name: str, spec: ModelSpec, d: int, dtype: torch.dtype, x: torch.Tensor, seed: int):
+        """Built and checked against the float64 reference the first time it is asked for."""
+        key = (name, spec, d, dtype)
+        if key not in self.implementations:
+            base = self.base(spec, d, dtype, seed)
+            impl = build_implementation(name, base, spec)
+            impl.check(check_rows(x), base, seed)
+            self.implementations[key] = impl
+        return self.implementations[key]
+
+
+def _timed(label: str, impl, op: str, x: torch.Tensor) -> Timed:
+    if op == "encode":
+        def call(_):
+            with torch.no_grad():
+                return impl.encode(x)
+        return Timed(label, call)
+    if op == "decode":
+        with torch.no_grad():
+            codes = impl.encode(x)
+
+        def call(_):
+            with torch.no_grad():
+                return impl.decode(codes)
+        return Timed(label, call)
+    if op == "backward":
+        def setup():
+            impl.zero_grad()
+            return impl.loss(x)
+        return Timed(label, lambda loss: loss.backward(), setup)
+    return Timed(label, lambda _: impl.step(x))
+
+
+def _baselines(case: Case, labels: dict) -> dict:
+    """label -> the label its speedup is measured against (absent: no ratio)."""
+    if case.reference:
+        target = DENSE_ENCODE if case.op == "encode" else "reference"
+        return {label: target for label in labels}
+    # No reference: each implementation's models against its own flat model (issue 10's comparison).
+    flat_of = {meta["impl"]: label for label, meta in labels.items() if meta["flat"]}
+    return {label: flat_of[meta["impl"]] for label, meta in labels.items() if meta["impl"] in flat_of}
+
+
+def run_case(case: Case, benchmark, state: BenchState) -> dict:
+    device, dtype = state.device, case.dtype
+    seed = case_seed(case)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(case.N, case.d, generator=gen).to(device=device, dtype=dtype)
+    state.keep_only({(spec, case.d, dtype) for spec in case.models})
+    load = LoadWindow()
+    element_size = x.element_size()
+    top = case.models[0]
+    top_base = state.base(top, case.d, dtype, seed)
+    W_enc, b_enc, b_dec = (top_base.W_enc.detach().clone(), top_base.b_enc.detach(), top_base.b_dec.detach())
+    timed = [Timed(FLOOR, lambda _: x @ W_enc.T)]
+    labels = {FLOOR: {"impl": "torch.matmul", "model": "flat", "flat": True, "work": work("encode", _flat_like(top), case.N, case.d, element_size)}}
+    if case.op == "encode":
+        def dense_encode(_):
+            return torch.relu(((x - b_dec) @ W_enc.T + b_enc).topk(top.k_total, dim=1).values)
+        timed.append(Timed(DENSE_ENCODE, dense_encode))
+        labels[DENSE_ENCODE] = {"impl": "torch.matmul+topk", "model": "flat", "flat": True,
+                                "work": labels[FLOOR]["work"]}
+    skipped = {}
+    for spec in case.models:
+        for name, reason in implementation_plan(spec, device, case.reference):
+            label = name if len(case.models) == 1 else f"{name} [{spec.label}]"
+            if reason:
+                skipped[label] = reason
+                continue
+            impl = state.implementation(name, spec, case.d, dtype, x, seed)
+            if case.op == "encode" and impl.encode_unavailable:
+                skipped[label] = impl.encode_unavailable
+                continue
+            timed.append(_timed(label, impl, case.op, x))
+            labels[label] = {"impl": name, "model": spec.label, "flat": spec.flat, "level_sizes": list(spec.level_sizes),
+                             "k": list(spec.k), "selection": spec.selection,
+                             "work": work(case.op, spec, case.N, case.d, element_size)}
+
+    timer = RoundRobin(timed, device, warmup=state.warmup)
+    started = time.perf_counter()
+    for _ in range(state.warmup):
+        timer()
+    rounds = case.rounds or state.rounds
+    if state.budget_s and state.warmup:
+        seconds_per_round = (time.perf_counter() - started) / state.warmup
+        rounds = max(MIN_ROUNDS, min(rounds, int(state.budget_s / seconds_per_round)))
+    benchmark.pedantic(timer, rounds=rounds, warmup_rounds=0, iterations=1)
+    peaks = {t.name: peak_memory_bytes(t, device) for t in timed}
+    ceilings = state.ceilings_for(dtype)
+    baselines = _baselines(case, labels)
+    results = {}
+    for label, meta in labels.items():
+        samples = timer.samples[label]
+        stats = summarize(samples)
+        seconds = stats["median_ms"] / 1e3
+        entry = dict(meta, **stats)
+        entry["tokens_per_s"] = case.N / seconds
+        entry["peak_mem_mb"] = None if peaks[label] is None else peaks[label] / 2**20
+        entry["tflops"] = meta["work"]["flops"] / seconds / 1e12
+        entry["gbps"] = meta["work"]["bytes"] / seconds / 1e9
+        entry["tflops_of_ceiling"] = entry["tflops"] / ceilings["matmul_tflops"]
+        entry["gbps_of_ceiling"] = entry["gbps"] / ceilings["copy_gbps"]
+        entry["time_vs_floor"] = paired_ratio(samples, timer.samples[FLOOR])
+        if label in baselines and baselines[label] in timer.samples:
+            entry["baseline"] = baselines[label]
+            entry["speedup_vs_baseline"] = paired_ratio(timer.samples[baselines[label]], samples)
+        results[label] = entry
+    info = {
+        "case": case.name, "group": case.group, "op": case.op, "N": case.N, "d": case.d,
+        "F": max(spec.dict_size for spec in case.models), "sweep_axis": case.sweep_axis,
+        "dtype": str(dtype).replace("torch.", ""), "device": str(device), "rounds": rounds, "warmup": state.warmup, "budget_s": state.budget_s,
+        "order": "round-robin, start rotated each round", "memory_method": memory_method(device),
+        "ceilings": ceilings, "candidates": results, "skipped": skipped, **load.close(),
+    }
+    benchmark.extra_info.update(info)
+    return info
+
+
+def _flat_like(spec: ModelSpec) -> ModelSpec:
+    """The flat model of the same total size: the GEMM floor's work."""
+    return ModelSpec("flat", (spec.dict_size,), (spec.k_total,), "token")

@@ -1,0 +1,252 @@
+"""Round-robin timing of one case's candidates in one process, peak memory, device ceilings and the
+machine's description.
+
+Why round-robin: these machines are shared, and the same GEMM was seen here at 100 ms in one minute
+and 223 ms in another. Timing each candidate in turn, round after round, exposes every candidate to
+the same load; a ratio is then taken within each round (both numbers saw the same minute) and the
+median of those per-round ratios is reported. A ratio of two separate sequential runs is noise.
+"""
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+
+@dataclass
+class Timed:
+    """One candidate as the timer sees it: `setup()` runs untimed before every call (e.g. the forward
+    whose backward is timed) and returns what `call` takes; `call(arg)` is the timed work."""
+
+    name: str
+    call: Callable[[Any], Any]
+    setup: Optional[Callable[[], Any]] = None
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class RoundRobin:
+    """Callable that runs one round (each candidate once) per call; pytest-benchmark drives the rounds.
+
+    The first `warmup` rounds are discarded. The starting candidate rotates every round so that no
+    candidate always runs right after the same neighbour (caches, allocator state, turbo budget)."""
+
+    def __init__(self, candidates: list[Timed], device: torch.device, warmup: int):
+        self.candidates = candidates
+        self.device = device
+        self.warmup = warmup
+        self.rounds_run = 0
+        self.samples: dict[str, list[float]] = {c.name: [] for c in candidates}
+
+    def __call__(self) -> None:
+        n = len(self.candidates)
+        for j in range(n):
+            candidate = self.candidates[(self.rounds_run + j) % n]
+            arg = candidate.setup() if candidate.setup else None
+            synchronize(self.device)
+            start = time.perf_counter()
+            candidate.call(arg)
+            synchronize(self.device)
+            elapsed = time.perf_counter() - start
+            if self.rounds_run >= self.warmup:
+                self.samples[candidate.name].append(elapsed)
+            del arg
+        self.rounds_run += 1
+
+
+def summarize(samples: list[float]) -> dict:
+    """Median and spread of one candidate's per-round times, in milliseconds."""
+    ms = sorted(s * 1e3 for s in samples)
+    quartiles = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else [ms[0]] * 3
+    return {
+        "median_ms": statistics.median(ms),
+        "q25_ms": quartiles[0],
+        "q75_ms": quartiles[2],
+        "min_ms": ms[0],
+        "max_ms": ms[-1],
+        "samples_ms": [s * 1e3 for s in samples],
+    }
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> dict:
+    """Median (and quartiles) over rounds of numerator[r] / denominator[r]: both times of a round saw
+    the same machine load, so the ratio cancels it where a ratio of two medians would not."""
+    ratios = sorted(a / b for a, b in zip(numerator, denominator))
+    quartiles = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else [ratios[0]] * 3
+    return {"median": statistics.median(ratios), "q25": quartiles[0], "q75": quartiles[2]}
+
+
+# --------------------------------------------------------------------------------- peak memory
+_libc = None
+
+
+def _malloc_trim() -> None:
+    """Hand freed heap pages back to the OS so the next RSS baseline is not inflated by them."""
+    global _libc
+    try:
+        _libc = _libc or ctypes.CDLL("libc.so.6")
+        _libc.malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _proc_status_kb(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+def cpu_memory_method() -> Optional[str]:
+    """The CPU peak-memory method, or None where the kernel does not offer a resettable high-water mark."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        _proc_status_kb("VmHWM")
+    except OSError:
+        return None
+    return "RSS high-water mark (VmHWM reset through /proc/self/clear_refs) above the RSS before the call"
+
+
+def peak_memory_bytes(candidate: Timed, device: torch.device) -> Optional[int]:
+    """Extra memory one call needs at its peak, above what was held before it (parameters, optimizer
+    state and the setup's outputs are held before it, so they are not counted).
+
+    CUDA: the caching allocator's max_memory_allocated. CPU: see `cpu_memory_method`."""
+    arg = candidate.setup() if candidate.setup else None
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        candidate.call(arg)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    if cpu_memory_method() is None:
+        return None
+    _malloc_trim()
+    base_kb = _proc_status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    candidate.call(arg)
+    peak_kb = _proc_status_kb("VmHWM")
+    del arg
+    return max(0, peak_kb - base_kb) * 1024
+
+
+def memory_method(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "CUDA caching allocator: max_memory_allocated above memory_allocated before the call"
+    return cpu_memory_method() or "unavailable (no /proc/self/clear_refs)"
+
+
+# ----------------------------------------------------------------------------- device ceilings
+def measure_ceilings(device: torch.device, dtype: torch.dtype, rounds: int = 5) -> dict:
+    """The device's achievable matmul FLOP/s and copy bandwidth, measured now, in this process."""
+    if device.type == "cuda":
+        n, copy_elements = 8192, 1 << 29
+    else:
+        n, copy_elements = 2048, 1 << 26
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    src = torch.empty(copy_elements, dtype=dtype, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    timer = RoundRobin([Timed("matmul", lambda _: a @ b), Timed("copy", lambda _: dst.copy_(src))], device, warmup=1)
+    for _ in range(rounds + 1):
+        timer()
+    matmul_s = statistics.median(timer.samples["matmul"])
+    copy_s = statistics.median(timer.samples["copy"])
+    return {
+        "matmul_tflops": 2 * n**3 / matmul_s / 1e12,
+        "matmul_shape": f"{n}x{n}x{n} {str(dtype).replace('torch.', '')}",
+        "copy_gbps": 2 * src.numel() * src.element_size() / copy_s / 1e9,  # read + write
+        "copy_bytes": src.numel() * src.element_size(),
+    }
+
+
+# ------------------------------------------------------------------------------- machine info
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags_of_note() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return sorted(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags)
+    except OSError:
+        pass
+    return []
+
+
+def _version(distribution: str) -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_description() -> dict:
+    """What ran the benchmarks: enough to tell two results files apart."""
+    info = {
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_flags": _cpu_flags_of_note(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "numpy": _version("numpy"),
+        "eai_sparsify": _version("eai-sparsify"),
+        "sae_lens": _version("sae-lens"),
+        "python": platform.python_version(),
+        "hsae_fast_commit": _git_commit(),
+        "load_average_at_start": list(os.getloadavg()),
+    }
+    if torch.cuda.is_available():
+        info["gpu_model"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+@dataclass
+class LoadWindow:
+    """The 1-minute load average before and after a case: how busy the shared machine was."""
+
+    before: float = field(default_factory=lambda: os.getloadavg()[0])
+    after: Optional[float] = None
+
+    def close(self) -> dict:
+        self.after = os.getloadavg()[0]
+        return {"load_1min_before": self.before, "load_1min_after": self.after}
