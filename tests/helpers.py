@@ -74,10 +74,10 @@ def densify(layer: HSAELayer, levels) -> tuple[list, list]:
         N = codes.idx.shape[0]
         local = codes.idx - cfg.level_offsets[l]
         assert (local >= 0).all() and (local < cfg.level_sizes[l]).all(), f"level {l}: ids outside the level"
-        vals = torch.zeros(N, cfg.level_sizes[l], dtype=torch.float64)
+        vals = torch.zeros(N, cfg.level_sizes[l], dtype=torch.float64, device=codes.idx.device)
         vals.scatter_add_(1, local, codes.vals.detach().double())
         assert torch.isfinite(vals).all(), f"level {l}: non-finite activation values"
-        on = torch.zeros(N, cfg.level_sizes[l], dtype=torch.int64).scatter_add_(1, local, (codes.vals != 0).long())
+        on = torch.zeros(N, cfg.level_sizes[l], dtype=torch.int64, device=codes.idx.device).scatter_add_(1, local, (codes.vals != 0).long())
         assert on.max() <= 1, f"level {l}: a feature is active twice for one token"
         active.append(on.bool())
         dense.append(vals)
@@ -95,7 +95,7 @@ def run_backend(layer: HSAELayer, x: torch.Tensor, selection: str, prefixes: boo
     with poisoned_outputs():
         out = layer(x, selection=selection, return_prefixes=prefixes)
         target = out.prefixes if prefixes else out.x_hat
-        loss = (target.double() * upstream(target.shape, seed)).sum()
+        loss = (target.double() * upstream(target.shape, seed).to(target.device)).sum()
         loss.backward()
     active, dense = densify(layer, out.levels)
     grads = {name: getattr(layer, name).grad for name in PARAM_NAMES}
@@ -171,7 +171,7 @@ def assert_close_to_reference(layer: HSAELayer, x: torch.Tensor, selection: str,
         target = stack
     else:
         target = forced.x_hat
-    (target * upstream(target.shape, seed)).sum().backward()
+    (target * upstream(target.shape, seed).to(target.device)).sum().backward()
     expected = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in params.items()}
     expected["x"] = x64.grad
     low_precision = dtype in (torch.float16, torch.bfloat16)
