@@ -1,0 +1,322 @@
+"""Kernel-level checks of the Triton backend (kernels/): tile-breaking shapes against the torch
+backend's ops, the deterministic scatter, O(N*K) memory, and on CUDA the full backend product.
+
+Under TRITON_INTERPRET=1 (set by conftest) the kernels run on CPU tensors; shapes stay tiny."""
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from cases import CASES, make_config
+from helpers import assert_close, assert_close_to_reference, case_seed, random_layer
+from hsae_fast import HSAEConfig, HSAELayer
+from hsae_fast.backends import available_backends
+from hsae_fast.backends import torch_sparse
+from hsae_fast.backends.common import poisoned_outputs
+from hsae_fast.functional import LevelCodes
+from hsae_fast.layer import HSAEOutput
+from hsae_fast.tree import TreePlan, default_parent, subtree_mask
+
+triton_ok, why = available_backends()["triton"]
+pytestmark = pytest.mark.skipif(not triton_ok, reason=f"triton backend unavailable: {why}")
+
+if triton_ok:
+    import kernels
+    import kernels.encode_dense as encode_dense_module
+    from hsae_fast.backends import triton as triton_backend
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5}
+
+
+def _gen(*parts):
+    return torch.Generator().manual_seed(case_seed("triton-kernels", *parts))
+
+
+def _dev(*tensors):
+    return [t.to(DEVICE) if t is not None else None for t in tensors]
+
+
+def _assert_same_codes(got, want, dtype, offset):
+    """Same ids, parent slots and scores per row, in any order; slots without a candidate padded as the contract says."""
+    (g_idx, g_s, g_slot), (w_idx, w_s, w_slot) = [[t.cpu() for t in triple] for triple in (got, want)]
+    assert g_idx.dtype == torch.int64 and g_slot.dtype == torch.int64
+    g_empty, w_empty = g_s == float("-inf"), w_s == float("-inf")
+    assert torch.equal(g_empty.sum(1), w_empty.sum(1)), "a row has a different number of candidates"
+    assert (g_idx[g_empty] == offset).all() and (g_slot[g_empty] == -1).all(), "empty slots: id level_offset, slot -1"
+    # Order within a row is free: compare rows sorted by id, empty slots last.
+    big = torch.iinfo(torch.int64).max
+    g_order = g_idx.masked_fill(g_empty, big).argsort(dim=1, stable=True)
+    w_order = w_idx.masked_fill(w_empty, big).argsort(dim=1, stable=True)
+    live = ~w_empty.gather(1, w_order)
+    for name, g, w in (("idx", g_idx, w_idx), ("parent_slot", g_slot, w_slot), ("scores", g_s, w_s)):
+        g, w = g.gather(1, g_order)[live], w.gather(1, w_order)[live]
+        if name == "scores":
+            assert_close(name, g, w, TOL[dtype])
+        else:
+            assert torch.equal(g, w), f"{name} differs"
+
+
+# ---------------------------------------------------------------------------------------- dense encode
+DENSE_SHAPES = {  # name -> N, d, level size, kmax  (blocks are 32 rows x 32 features x 16 of d)
+    "tile_breaking": (70, 19, 45, 6),
+    "d1": (33, 1, 40, 3),
+    "one_token_k_equals_F": (1, 5, 9, 9),
+    "kmax_over_live": (5, 7, 6, 8),
+}
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+@pytest.mark.parametrize("with_parent", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", list(DENSE_SHAPES))
+def test_dense_encode_matches_torch(shape, dtype, with_parent, chunks, monkeypatch):
+    N, d, size, kmax = DENSE_SHAPES[shape]
+    gen = _gen("dense", shape, dtype, with_parent, chunks)
+    monkeypatch.setattr(encode_dense_module, "_num_chunks", lambda *_: chunks)
+    offset, parents = 3, 4  # the level sits between 3 lower features and 4 parents
+    F = offset + size + parents
+    xc, W = torch.randn(N, d, generator=gen).to(dtype), torch.randn(F, d, generator=gen).to(dtype)
+    b, edge = torch.randn(F, generator=gen).to(dtype), torch.randn(F, generator=gen).to(dtype)
+    mask = torch.rand(F, generator=gen) > 0.25
+    parent = torch.full((F,), -1)
+    parent[offset:offset + size] = offset + size + torch.randint(0, parents, (size,), generator=gen)
+    p_idx = p_vals = None
+    if with_parent:
+        p_idx = offset + size + torch.stack([torch.randperm(parents, generator=gen)[:3] for _ in range(N)])
+        p_vals = (torch.rand(N, 3, generator=gen) * (torch.rand(N, 3, generator=gen) > 0.3)).to(torch.float32)
+    args = _dev(xc, W, b, edge, mask, parent, p_idx, p_vals)
+    with poisoned_outputs():
+        got = triton_backend.encode_forward(*args, None, None, 0, offset, size, kmax, False)
+    # The torch backend finds a child's parent activation through the child lists.
+    children = torch.arange(offset, offset + size)[mask[offset:offset + size]]
+    local_parent = parent[children] - offset - size
+    counts = torch.bincount(local_parent, minlength=parents)
+    child_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    child_ids = children[torch.sort(local_parent, stable=True).indices]
+    want = torch_sparse.encode_forward(xc, W, b, edge, mask, parent, p_idx, p_vals, child_ptr, child_ids,
+                                       int(counts.max()), offset, size, kmax, False)
+    _assert_same_codes(got, want, dtype, offset)
+
+
+# --------------------------------------------------------------------------------------- routed encode
+def _routed_case(N, d, sizes, dtype, gen, kp, custom_parent):
+    """A two-level tree (children, parents) with pruned children and one childless parent."""
+    cfg = HSAEConfig(d_model=d, level_sizes=sizes, k=(1, 1))
+    parent = default_parent(cfg)
+    if custom_parent:
+        parent[: sizes[0]] = parent[: sizes[0]][torch.randperm(sizes[0], generator=gen)]
+    F = sum(sizes)
+    pruned = subtree_mask(parent, torch.randperm(sizes[0], generator=gen)[: sizes[0] // 6])
+    pruned[: sizes[0]] |= parent[: sizes[0]] == sizes[0]  # parent 0 loses every child
+    plan = TreePlan.build(cfg, parent, ~pruned)
+    lists = plan.children[0]
+    p_idx = sizes[0] + torch.stack([torch.randperm(sizes[1], generator=gen)[:kp] for _ in range(N)])
+    p_vals = torch.rand(N, kp, generator=gen) * (torch.rand(N, kp, generator=gen) > 0.25)
+    tensors = (torch.randn(N, d, generator=gen).to(dtype), torch.randn(F, d, generator=gen).to(dtype),
+               torch.randn(F, generator=gen).to(dtype), torch.randn(F, generator=gen).to(dtype), ~pruned, parent,
+               p_idx, p_vals.to(torch.float32), lists.child_ptr, lists.child_ids)
+    return tensors, lists.max_children
+
+
+ROUTED_SHAPES = {  # name -> N, d, (children, parents), kp, kmax
+    # 40 tokens over 4 parents: more pairs per parent than a 16-token block; ~20 children per parent
+    # is more than a 16-wide child tile
+    "multi_block": (40, 19, (80, 4), 2, 7),
+    "d1_one_token": (1, 1, (12, 6), 3, 5),
+    "kmax_over_candidates": (9, 6, (10, 5), 2, 12),
+}
+
+
+@pytest.mark.parametrize("custom_parent", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", list(ROUTED_SHAPES))
+def test_routed_encode_matches_torch(shape, dtype, custom_parent):
+    N, d, sizes, kp, kmax = ROUTED_SHAPES[shape]
+    tensors, C = _routed_case(N, d, sizes, dtype, _gen("routed", shape, dtype, custom_parent), kp, custom_parent)
+    with poisoned_outputs():
+        got = triton_backend.encode_forward(*_dev(*tensors), C, 0, sizes[0], kmax, True)
+    want = torch_sparse.encode_forward(*tensors, C, 0, sizes[0], kmax, True)
+    _assert_same_codes(got, want, dtype, 0)
+
+
+# -------------------------------------------------------------------------------- decode and backwards
+def _sparse_codes(N, K, F, gen, dtype):
+    idx = torch.stack([torch.randperm(F, generator=gen)[:K] for _ in range(N)])
+    vals = torch.randn(N, K, generator=gen) * (torch.rand(N, K, generator=gen) > 0.2)
+    return idx, vals.to(torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+@pytest.mark.parametrize("dtype, deterministic", [(torch.float32, False), (torch.float32, True),
+                                                  (torch.bfloat16, False), (torch.float64, True)], ids=str)
+@pytest.mark.parametrize("prefixes", [False, True])
+@pytest.mark.parametrize("N, d, widths", [(19, 70, [5, 3, 2]), (1, 1, [4]), (6, 130, [17, 1, 1, 1])])
+def test_decode_matches_torch(N, d, widths, dtype, prefixes, deterministic, monkeypatch):
+    monkeypatch.setattr(kernels, "DETERMINISTIC", deterministic)
+    gen = _gen("decode", N, d, dtype, prefixes, deterministic)
+    F, K = 29, sum(widths)
+    idx, vals = _sparse_codes(N, K, F, gen, dtype)
+    W, gain, b = torch.randn(F, d, generator=gen).to(dtype), torch.rand(len(widths), generator=gen).to(dtype), \
+        torch.randn(d, generator=gen).to(dtype)
+    g_out = torch.randn((len(widths), N, d) if prefixes else (N, d), generator=gen).to(dtype)
+    with poisoned_outputs():
+        out = triton_backend.decode_forward(*_dev(idx, vals, W, gain, b), widths, prefixes)
+        grads = triton_backend.decode_backward(*_dev(g_out, idx, vals, W, gain), widths, prefixes, True, True, True)
+    tol = 2e-2 if dtype == torch.bfloat16 else TOL[dtype] * 10
+    assert out.dtype == dtype
+    assert_close("decode", out.cpu(), torch_sparse.decode_forward(idx, vals, W, gain, b, widths, prefixes), tol)
+    want = torch_sparse.decode_backward(g_out, idx, vals, W, gain, widths, prefixes, True, True, True)
+    for name, g, w in zip(("g_vals", "g_W_dec", "g_gain", "g_b_dec"), grads, want):
+        assert g.dtype == w.dtype, f"{name}: dtype {g.dtype} != {w.dtype}"
+        assert_close(name, g.cpu(), w, TOL[dtype] * 10)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("N, d, K, kp", [(23, 70, 6, 3), (1, 1, 3, 2), (9, 5, 40, 1)])
+def test_encode_backward_matches_torch(N, d, K, kp, dtype, deterministic, monkeypatch):
+    monkeypatch.setattr(kernels, "DETERMINISTIC", deterministic)
+    gen = _gen("encode_backward", N, d, K, dtype, deterministic)
+    F = 50
+    idx, g = _sparse_codes(N, K, F, gen, dtype)
+    slot = torch.randint(-1, kp, (N, K), generator=gen)
+    xc, W, edge = torch.randn(N, d, generator=gen).to(dtype), torch.randn(F, d, generator=gen).to(dtype), \
+        torch.randn(F, generator=gen).to(dtype)
+    p_vals = torch.rand(N, kp, generator=gen).to(g.dtype)
+    with poisoned_outputs():
+        got = triton_backend.encode_backward(*_dev(g, idx, slot, xc, W, edge, p_vals), True, True, True, True)
+    want = torch_sparse.encode_backward(g, idx, slot, xc, W, edge, p_vals, True, True, True, True)
+    for name, a, b in zip(("g_xc", "g_W_enc", "g_b_enc", "g_edge", "g_parent_vals"), got, want):
+        assert a.dtype == b.dtype, f"{name}: dtype {a.dtype} != {b.dtype}"
+        assert_close(name, a.cpu(), b, TOL[dtype] * 10)
+    untouched = torch.ones(F, dtype=torch.bool)
+    untouched[idx.unique()] = False
+    for name, a in zip(("g_W_enc", "g_b_enc", "g_edge"), got[1:4]):
+        assert (a.cpu()[untouched] == 0).all(), f"{name} is nonzero on a feature no slot names"
+
+
+def test_deterministic_scatter_is_bit_identical(monkeypatch):
+    """The sorted scatter sums every feature in one fixed order: two runs agree bit for bit (on a
+    GPU the atomic mode does not), and with the atomic mode to rounding."""
+    gen = _gen("deterministic")
+    N, K, F, d = 64, 10, 10, 33  # every feature in every row, so the order of the sum matters
+    idx, vals = _sparse_codes(N, K, F, gen, torch.float32)
+    g_out = torch.randn(N, d, generator=gen)
+    W, gain = torch.randn(F, d, generator=gen), torch.rand(2, generator=gen)
+    args = _dev(g_out, idx, vals, W, gain)
+    monkeypatch.setattr(kernels, "DETERMINISTIC", True)
+    runs = [triton_backend.decode_backward(*args, [6, 4], False, True, True, True)[1] for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    monkeypatch.setattr(kernels, "DETERMINISTIC", False)
+    atomic = triton_backend.decode_backward(*args, [6, 4], False, True, True, True)[1]
+    assert_close("atomic vs sorted", atomic.cpu(), runs[0].cpu(), 1e-5)
+
+
+def test_deterministic_mode_follows_env_and_torch(monkeypatch):
+    monkeypatch.setattr(kernels, "DETERMINISTIC", None)
+    monkeypatch.delenv("HSAE_DETERMINISTIC", raising=False)
+    assert kernels.deterministic() == torch.are_deterministic_algorithms_enabled()
+    monkeypatch.setenv("HSAE_DETERMINISTIC", "1")
+    assert kernels.deterministic()
+
+
+# ---------------------------------------------------------------------------------------- memory
+class _LargestAllocation(TorchDispatchMode):
+    """Records the largest tensor (in bytes: the interpreter views arguments as bytes) that any torch
+    op creates while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+def test_encodes_hold_no_n_by_f_buffer():
+    """Dense and routed encode and the backward allocate O(N * K) (plus inputs' sizes), never N x F_l."""
+    N, d, sizes, kp, kmax = 64, 4, (512, 64), 2, 4
+    tensors, C = _routed_case(N, d, sizes, torch.float32, _gen("memory"), kp, False)
+    xc, W, b, edge, mask, parent, p_idx, p_vals, ptr, ids = _dev(*tensors)
+    F = sum(sizes)
+    inputs = 8 * max(F * d, N * d, F)  # bytes, int64 included
+    with _LargestAllocation() as routed:
+        codes = triton_backend.encode_forward(xc, W, b, edge, mask, parent, p_idx, p_vals, ptr, ids, C,
+                                              0, sizes[0], kmax, True)
+    with _LargestAllocation() as dense:
+        triton_backend.encode_forward(xc, W, b, edge, mask, parent, None, None, None, None, 0, 0, sizes[0], kmax, False)
+    with _LargestAllocation() as backward:
+        triton_backend.encode_backward(torch.ones_like(codes[1]), codes[0], codes[2], xc, W, edge, p_vals,
+                                       True, True, True, True)
+    assert routed.largest <= max(inputs, 8 * N * kp * C), f"routed encode allocated {routed.largest} bytes"
+    assert dense.largest <= max(inputs, 8 * N * kmax * 8), f"dense encode allocated {dense.largest} bytes"
+    assert backward.largest <= inputs, f"encode backward allocated {backward.largest} bytes"
+    assert 4 * N * sizes[0] > 2 * max(inputs, 8 * N * kp * C), "the shape must tell O(N*K) from a float32 N x F"
+
+
+# ------------------------------------------------------------------------------ torch.compile
+def test_compiled_training_step_has_no_graph_break():
+    """torch.compile(fullgraph=True) traces the layer (custom ops included) and trains a step."""
+    torch._dynamo.reset()
+    cfg = HSAEConfig(d_model=8, level_sizes=(24, 8, 4), k=(4, 2, 1))
+    layer = HSAELayer(cfg, backend="torch")
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(16, 8)
+    out = compiled(x, return_prefixes=True)
+    loss = (out.x_hat - x).pow(2).sum() + out.prefixes.pow(2).mean()
+    loss.backward()
+    assert layer.W_enc.grad is not None and torch.isfinite(layer.W_enc.grad).all()
+    assert torch.allclose(out.x_hat, layer(x).x_hat, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- CUDA: the full product
+class CudaMirror(torch.nn.Module):
+    """A CPU layer whose forward runs on CUDA: the shared helper keeps comparing CPU tensors and
+    autograd carries every gradient back to the CPU parameters."""
+
+    def __init__(self, layer: HSAELayer):
+        super().__init__()
+        self.layer = layer
+        object.__setattr__(self, "_on_cuda", copy.deepcopy(layer).to("cuda"))  # tensors replaced per call
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["layer"], name)
+
+    def forward(self, x, selection=None, return_prefixes=False):
+        tensors = {n: t.to("cuda") for n, t in itertools.chain(self.layer.named_parameters(), self.layer.named_buffers())}
+        out = torch.func.functional_call(self._on_cuda, tensors, (x.to("cuda"),),
+                                         {"selection": selection, "return_prefixes": return_prefixes})
+        levels = [LevelCodes(c.idx.cpu(), c.vals.cpu(), c.scores.cpu()) for c in out.levels]
+        return HSAEOutput(out.x_hat.cpu(), [(i.cpu(), v.cpu()) for i, v in out.codes], levels,
+                          out.prefixes.cpu() if out.prefixes is not None else None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("selection", ["batch", "token", "threshold"])
+def test_cuda_backend_matches_reference(selection, case, dtype, deterministic, monkeypatch):
+    monkeypatch.setattr(kernels, "DETERMINISTIC", deterministic)
+    cfg, N = make_config(case, selection)
+    seed = case_seed("triton-cuda", dtype, case, selection)
+    layer = CudaMirror(random_layer(cfg, "triton", dtype, seed))
+    x = torch.randn(N, cfg.d_model, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    assert_close_to_reference(layer, x, selection, prefixes=case in ("three_level", "four_level", "flat"), seed=seed)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_backend_is_triton_on_cuda():
+    layer = HSAELayer(HSAEConfig(d_model=8, level_sizes=(24, 8, 4), k=(4, 2, 1))).to("cuda")
+    assert layer.backend_for(torch.device("cuda")) == "triton"
