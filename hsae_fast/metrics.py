@@ -75,6 +75,12 @@ class ActivityCounter:
             self.active_per_level[l] += on.sum()
         self.tokens += levels[0].vals.shape[0]
 
+    def add(self, other: "ActivityCounter") -> None:
+        """Merge another counter's counts (e.g. one step's into several windows)."""
+        self.fires += other.fires
+        self.active_per_level += other.active_per_level
+        self.tokens += other.tokens
+
     def l0(self) -> list:
         return [float(a) / max(self.tokens, 1) for a in self.active_per_level]
 

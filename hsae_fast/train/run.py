@@ -1,0 +1,145 @@
+"""A whole run (SPEC 9): resolve the configuration, train, save `final/`, score, and optionally
+train the matched flat SAE into RUN_DIR/flat and print the side-by-side table."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..config import HSAEConfig
+from ..data import open_source
+from .config import TrainConfig, flat_baseline_config, resolve_model_config
+from .trainer import Trainer, write_json
+
+
+def open_run_source(tcfg: TrainConfig):
+    options = {"seed": tcfg.data_seed} if tcfg.data == "synthetic" and tcfg.model is None else {}
+    return open_source(tcfg.data, model=tcfg.model, layer=tcfg.layer, **options)
+
+
+def run_config(cfg: HSAEConfig, tcfg: TrainConfig) -> dict:
+    return {"hsae": cfg.to_dict(), "trainer": tcfg.to_dict()}
+
+
+def _check_resume_config(path: Path, wanted: dict) -> None:
+    saved = json.loads(path.read_text())
+    if saved != json.loads(json.dumps(wanted)):
+        changed = sorted(
+            f"{section}.{k}" for section in ("hsae", "trainer") for k in set(saved.get(section, {})) | set(wanted[section])
+            if saved.get(section, {}).get(k) != json.loads(json.dumps(wanted[section])).get(k)
+        )
+        raise ValueError(f"--resume: {path} differs from this command's configuration in {changed}; "
+                         "resume with the same configuration")
+
+
+@torch.no_grad()
+def evaluate(layer, source, tcfg: TrainConfig, synthetic: bool, refined_W: Optional[torch.Tensor] = None) -> dict:
+    """Final metrics on a held-out sample: the synthetic scores (with the refined decoder too, when
+    given) or, for other sources, FVU / MSE / L0 / dead fraction / HCS."""
+    if synthetic:
+        from ..data.synthetic import score_model
+
+        result = score_model(layer, source, n_tokens=tcfg.eval_tokens)
+        if refined_W is not None:
+            refined = score_model(layer, source, n_tokens=tcfg.eval_tokens, W_dec=refined_W)
+            result["refined"] = {"recovery": refined["recovery"], "tree_recovery": refined["tree_recovery"]}
+        return result
+    from ..losses import fvu, mse
+    from ..metrics import ActivityCounter, hcs
+
+    layer.eval()
+    x = source.sample(tcfg.eval_tokens, tcfg.seed + 1).to(device=layer.W_dec.device, dtype=layer.W_dec.dtype)
+    counter = ActivityCounter(layer.cfg.level_sizes, layer.W_dec.device)
+    x_hats, hits, count = [], 0.0, 0
+    for chunk in x.split(4096):
+        out = layer(chunk)
+        counter.update(out.levels)
+        x_hats.append(out.x_hat)
+        h = hcs(out.levels, layer.parent, layer.cfg.level_sizes, layer.path_mask)
+        for pair in h["pairs"]:
+            if pair["count"]:
+                hits, count = hits + pair["score"] * pair["count"], count + pair["count"]
+    layer.train()
+    x_hat = torch.cat(x_hats)
+    return {"fvu": float(fvu(x, x_hat)), "mse": float(mse(x, x_hat)), "l0": counter.l0(),
+            "dead_frac": counter.dead_fraction(layer.path_mask), "hcs": hits / count if count else float("nan")}
+
+
+def train_one(cfg: HSAEConfig, tcfg: TrainConfig, source, out_dir: Path, resume: bool, desc: str) -> tuple:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_path = out_dir / "config.json"
+    wanted = run_config(cfg, tcfg)
+    resume = resume and (out_dir / "checkpoints" / "latest.json").is_file()
+    if resume:
+        _check_resume_config(config_path, wanted)
+    trainer = Trainer(cfg, tcfg, source, out_dir, resume=resume)
+    if trainer.dist.main:
+        write_json(config_path, wanted)
+    trainer.fit(desc)
+    trainer.save_final()
+    metrics = {}
+    if trainer.dist.main:
+        synthetic = tcfg.data == "synthetic" and tcfg.model is None
+        refined_W = None
+        if tcfg.refine and cfg.num_levels > 1:
+            from safetensors.torch import save_file
+
+            from .refine import refine_decoder
+
+            sample = source.sample(tcfg.eval_tokens, tcfg.seed + 2)
+            refined_W = refine_decoder(trainer.layer, sample.split(4096))["W_dec"]
+            save_file({"W_dec": refined_W.contiguous()}, str(out_dir / "final" / "refined_decoder.safetensors"))
+        metrics = evaluate(trainer.layer, source, tcfg, synthetic, refined_W)
+        metrics.update(steps=trainer.step, tokens=trainer.step * tcfg.batch_size, train_seconds=round(trainer.elapsed, 1))
+        write_json(out_dir / "final_metrics.json", metrics)
+    return trainer, metrics
+
+
+def run(model_fields: dict, train_fields: dict, out_dir, resume: bool = False) -> dict:
+    """Train the configured model (and the flat baseline when asked); returns the final metrics."""
+    tcfg = TrainConfig(**train_fields)
+    source = open_run_source(tcfg)
+    synthetic = tcfg.data == "synthetic" and tcfg.model is None
+    cfg = resolve_model_config(model_fields, source.d_model, synthetic)
+    out_dir = Path(out_dir)
+    trainer, metrics = train_one(cfg, tcfg, source, out_dir, resume, "hsae")
+    results = {"hsae": metrics}
+    if tcfg.baseline == "flat" and cfg.num_levels > 1:
+        _, flat_metrics = train_one(flat_baseline_config(cfg), tcfg, source, out_dir / "flat", resume, "flat")
+        results["flat"] = flat_metrics
+        if trainer.dist.main:
+            print(comparison_table(results["hsae"], flat_metrics))
+    elif trainer.dist.main:
+        print(comparison_table(metrics, None))
+    return results
+
+
+def _fmt(value, digits=3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, (list, tuple)):
+        return " / ".join(_fmt(v, digits) for v in value)
+    return f"{value:.{digits}f}"
+
+
+def comparison_table(hsae: dict, flat: Optional[dict]) -> str:
+    """The side-by-side table of the README's first command (Markdown)."""
+    rows = [("FVU", "fvu", 4), ("L0 per level", "l0", 2), ("HCS", "hcs", 3)]
+    if "recovery" in hsae:
+        rows = [("recovery bottom/mid/top", "recovery", 3), ("tree recovery", "tree_recovery", 3)] + rows
+    header = "| metric | HSAE |" + (" flat SAE |" if flat else "")
+    lines = [header, "|---|---|" + ("---|" if flat else "")]
+    for label, key, digits in rows:
+        line = f"| {label} | {_fmt(hsae.get(key), digits)} |"
+        if flat:
+            line += f" {_fmt(flat.get(key), digits)} |"
+        lines.append(line)
+    if "refined" in hsae:
+        refined = hsae["refined"]
+        lines.append(f"| recovery, refined decoder | {_fmt(refined['recovery'])} |" + (" - |" if flat else ""))
+        lines.append(f"| tree recovery, refined | {_fmt(refined['tree_recovery'])} |" + (" - |" if flat else ""))
+    lines.append(f"| train seconds | {_fmt(hsae.get('train_seconds'), 1)} |" + (f" {_fmt(flat.get('train_seconds'), 1)} |" if flat else ""))
+    return "\n".join(lines)

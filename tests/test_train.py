@@ -1,0 +1,259 @@
+"""The trainer's pieces, each shown to do what it says on a tiny synthetic hierarchy."""
+import json
+
+import pytest
+import torch
+
+from hsae_fast import HSAEConfig, HSAELayer
+from hsae_fast.data.synthetic import SyntheticHierarchy
+from hsae_fast.train.config import TrainConfig, flat_baseline_config
+from hsae_fast.train.optim import (
+    MaskedAdamW, geometric_median, init_b_dec, remove_parallel_decoder_grad, renormalize_decoder,
+)
+from hsae_fast.train.schedules import AdaptiveSparsity, feasible_k, lambda_cons, lr_factor, progressive_k
+from hsae_fast.train.trainer import Trainer, TrainingDiverged
+
+TINY_DATA = dict(d_model=16, level_sizes=(16, 4, 2), mean_active=(4.0, 2.0, 1.0), seed=1)
+
+
+def tiny_cfg(**changes):
+    base = dict(d_model=16, level_sizes=(16, 4, 2), k=(4, 2, 1))
+    base.update(changes)
+    return HSAEConfig(**base)
+
+
+def tiny_train(**changes):
+    base = dict(tokens=64 * 12, batch_size=64, log_every=4, checkpoint_every=6, progress=False, backend="torch",
+                b_dec_init_tokens=256, eval_tokens=256)
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def make_trainer(tmp_path, cfg=None, resume=False, **train):
+    return Trainer(cfg or tiny_cfg(), tiny_train(**train), SyntheticHierarchy(**TINY_DATA), tmp_path, resume=resume)
+
+
+# ------------------------------------------------------------------ optimizer pieces
+def test_masked_adamw_never_moves_pruned_features():
+    torch.manual_seed(0)
+    layer = HSAELayer(tiny_cfg(), backend="torch")
+    opt = MaskedAdamW(layer, lr=1e-2, weight_decay=0.5)
+    x = torch.randn(64, 16)
+
+    def step():
+        opt.zero_grad()
+        layer(x).x_hat.pow(2).sum().backward()
+        opt.step()
+
+    step()  # moments now nonzero everywhere
+    layer.prune([3, 17])  # a bottom feature, and a middle one with its 4 children
+    pruned = ~layer.path_mask
+    before = {n: getattr(layer, n).detach().clone() for n in ("W_enc", "b_enc", "W_dec", "edge_weight")}
+    for _ in range(3):
+        step()
+    for name, old in before.items():
+        new = getattr(layer, name).detach()
+        assert torch.equal(new[pruned], old[pruned]), f"{name} moved on a pruned feature"
+    assert not torch.equal(layer.W_enc.detach()[~pruned], before["W_enc"][~pruned])
+
+
+def test_decoder_renorm_removes_the_parallel_gradient():
+    torch.manual_seed(0)
+    layer = HSAELayer(tiny_cfg(), backend="torch")
+    layer(torch.randn(32, 16)).x_hat.pow(2).sum().backward()
+    remove_parallel_decoder_grad(layer)
+    dots = (layer.W_dec.grad * layer.W_dec).sum(1)
+    assert dots.abs().max() < 1e-5 * layer.W_dec.grad.norm()
+    layer.prune([0])
+    with torch.no_grad():
+        layer.W_dec.mul_(3.0)
+    renormalize_decoder(layer)
+    norms = layer.W_dec.detach().norm(dim=1)
+    torch.testing.assert_close(norms[1:], torch.ones(norms.shape[0] - 1))
+    assert float(norms[0]) == pytest.approx(3.0)  # pruned rows never change
+
+
+def test_geometric_median_resists_outliers():
+    gen = torch.Generator().manual_seed(0)
+    center = torch.tensor([1.0, -2.0, 0.5])
+    x = center + 0.1 * torch.randn(200, 3, generator=gen)
+    x[:20] += 50.0  # heavy-tailed outliers drag the mean
+    gm = geometric_median(x)
+    assert (gm.float() - center).norm() < 0.1 < (x.mean(0) - center).norm()
+    # optimality: the sum of unit vectors toward the points vanishes at the median
+    unit = torch.nn.functional.normalize(x.double() - gm, dim=1).sum(0)
+    assert unit.norm() < 1e-3 * x.shape[0]
+    layer = HSAELayer(tiny_cfg(d_model=3, level_sizes=(4, 2, 1), k=(2, 1, 1)))
+    init_b_dec(layer, x, "mean")
+    torch.testing.assert_close(layer.b_dec.detach(), x.mean(0))
+    init_b_dec(layer, x, "zero")
+    assert (layer.b_dec == 0).all()
+
+
+# ------------------------------------------------------------------------ schedules
+def test_lr_warmup_and_decay():
+    assert lr_factor(0, 100, 0.1, 0.5) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 0.1, 0.5) == 1.0 and lr_factor(49, 100, 0.1, 0.5) == 1.0
+    assert lr_factor(75, 100, 0.1, 0.5) == pytest.approx(0.5)
+    assert lr_factor(99, 100, 0.1, 0.5) == pytest.approx(0.02)
+    assert lambda_cons(0.0, 2.0, 0.1) == 0.0 and lambda_cons(0.05, 2.0, 0.1) == 1.0 and lambda_cons(0.5, 2.0, 0.1) == 2.0
+
+
+def test_feasible_k_respects_the_config_rules():
+    cfg = tiny_cfg()
+    assert feasible_k(cfg, [40, 40, 40]) == (16, 4, 2)  # capped by F_l and by gating
+    assert feasible_k(cfg, [8, 2, 1]) == (8, 2, 1)
+    assert feasible_k(cfg, [1, 3, 1]) == (2, 2, 1)  # non-increasing upward, gating cap 1 * 4 / 2
+    for wanted in ([0.2, 0.1, 0.1], [5.5, 2.4, 1.6], [100, 1, 1]):
+        HSAEConfig(**dict(tiny_cfg().to_dict(), k=feasible_k(cfg, wanted)))  # always valid
+    assert progressive_k((4, 2, 1), 0.0, 3.0, 0.5) == [12, 6, 3]
+    assert progressive_k((4, 2, 1), 0.25, 3.0, 0.5) == [8, 4, 2]
+    assert progressive_k((4, 2, 1), 0.9, 3.0, 0.5) == [4, 2, 1]
+
+
+def test_adaptive_sparsity_raises_k_of_underused_levels():
+    adaptive = AdaptiveSparsity(3, target_util=0.9, rate=0.5, max_mult=2.0)
+    adaptive.update([0.5, 0.95, float("nan")])
+    assert adaptive.mult.tolist() == [1.5, 1.0, 1.0]
+    adaptive.update([0.5, 0.95, 1.0])
+    assert adaptive.mult.tolist() == [2.0, 1.0, 1.0]  # capped
+    adaptive.update([0.95, 0.95, 1.0])
+    assert adaptive.mult[0] == pytest.approx(2.0 / 1.5)
+
+
+# -------------------------------------------------------------------------- trainer
+def _log(tmp_path):
+    return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_reduces_the_loss_and_logs_every_field(tmp_path):
+    trainer = make_trainer(tmp_path, tokens=64 * 24, lr=1e-2)
+    trainer.fit()
+    log = _log(tmp_path)
+    for key in ("step", "tokens", "loss", "fvu", "l0", "dead_frac", "lr", "elapsed_s"):
+        assert key in log[0]
+    assert len(log[0]["l0"]) == 3 and len(log[0]["dead_frac"]) == 3
+    assert log[-1]["fvu"] < 0.7 * log[0]["fvu"]
+    assert log[-1]["step"] == 24 and log[-1]["tokens"] == 64 * 24
+    # prefix loss present while w(t) > 0, gone after prefix_until
+    assert "prefix" in log[0] and "prefix" not in log[-1]
+    norms = trainer.layer.W_dec.detach().norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))
+
+
+def test_progressive_k_starts_dense_and_ends_at_target(tmp_path):
+    trainer = make_trainer(tmp_path, k_start_mult=2.0, k_schedule_until=0.5)
+    trainer.fit()
+    log = _log(tmp_path)
+    assert log[0]["k"] == [7, 3, 2] or log[0]["k"][0] > 4
+    assert log[-1]["k"] == [4, 2, 1]
+
+
+def test_adaptive_sparsity_in_training(tmp_path):
+    # a level whose features mostly cannot fire stays under the utilization target, so its k grows
+    trainer = make_trainer(tmp_path, adaptive_sparsity=True, adapt_every_tokens=128, adapt_target_util=0.99,
+                           adapt_rate=0.5)
+    with torch.no_grad():
+        trainer.layer.b_enc[:12] = -1e4
+    trainer.fit()
+    assert trainer.adaptive.mult[0] > 1.0
+    assert _log(tmp_path)[-1]["k"][0] > 4
+
+
+def test_pruning_unused_paths_freezes_them(tmp_path):
+    trainer = make_trainer(tmp_path, prune_unused=True, prune_after=0.0, prune_window_tokens=128, tokens=64 * 8)
+    with torch.no_grad():
+        trainer.layer.b_enc[16] = -1e4  # middle feature 16 never fires: pruned with its 4 children
+    trainer.fit()
+    mask = trainer.layer.path_mask
+    assert not mask[16] and not mask[:4].any()  # other features that stayed silent may go too
+    assert _log(tmp_path)[-1]["pruned"] >= 5
+
+
+def test_pruned_parameters_are_bit_identical_after_pruning(tmp_path):
+    trainer = make_trainer(tmp_path, weight_decay=0.1, tokens=64 * 10)
+    batches = trainer.source.batches(64, 0)
+    for _ in range(3):
+        trainer.train_step(next(batches))
+    trainer.layer.prune([17])
+    frozen = {n: getattr(trainer.layer, n).detach()[~trainer.layer.path_mask].clone() for n in ("W_enc", "b_enc", "W_dec")}
+    for _ in range(4):
+        trainer.train_step(next(batches))
+    for name, old in frozen.items():
+        assert torch.equal(getattr(trainer.layer, name).detach()[~trainer.layer.path_mask], old)
+
+
+def test_auxk_revives_dead_features(tmp_path):
+    cfg = tiny_cfg(dead_after_tokens=64, aux_coef=1.0, k_aux=4)
+    trainer = make_trainer(tmp_path, cfg=cfg, tokens=64 * 10)
+    with torch.no_grad():
+        trainer.layer.b_enc[4:8] = -3.0  # silent at first: dead after one batch
+    before = trainer.layer.W_enc.detach().clone()
+    trainer.fit()
+    log = _log(tmp_path)
+    assert any("auxk" in r for r in log)
+    assert not torch.equal(trainer.layer.W_enc.detach()[4:8], before[4:8])
+    # without AuxK the silent features get no gradient at all
+    plain = make_trainer(tmp_path / "plain", cfg=tiny_cfg(dead_after_tokens=64, aux_coef=0.0), tokens=64 * 10)
+    with torch.no_grad():
+        plain.layer.b_enc[4:8] = -1e4
+    start = plain.layer.W_enc.detach()[4:8].clone()
+    plain.fit()
+    assert torch.equal(plain.layer.W_enc.detach()[4:8], start)
+
+
+def test_resume_is_bit_identical(tmp_path):
+    straight = make_trainer(tmp_path / "straight", k_start_mult=2.0, adaptive_sparsity=True, adapt_every_tokens=128,
+                            cons_warmup_frac=0.5)
+    straight.layer.cfg = straight.layer.cfg.replace(lambda_cons=0.1, dead_after_tokens=128)
+    straight.target_k = tuple(straight.layer.cfg.k)
+    straight.fit()
+
+    first = make_trainer(tmp_path / "resumed", k_start_mult=2.0, adaptive_sparsity=True, adapt_every_tokens=128,
+                         cons_warmup_frac=0.5, checkpoint_every=5)
+    first.layer.cfg = first.layer.cfg.replace(lambda_cons=0.1, dead_after_tokens=128)
+    batches = first._batches()
+    for _ in range(5):
+        first.train_step(next(batches))
+    first.save_checkpoint()
+    cfg = tiny_cfg(lambda_cons=0.1, dead_after_tokens=128)
+    second = make_trainer(tmp_path / "resumed", cfg=cfg, resume=True, k_start_mult=2.0, adaptive_sparsity=True,
+                          adapt_every_tokens=128, cons_warmup_frac=0.5, checkpoint_every=5)
+    assert second.step == 5
+    second.fit()
+    for (name, a), (_, b) in zip(straight.layer.state_dict().items(), second.layer.state_dict().items()):
+        assert torch.equal(a, b), f"{name} differs after resume"
+    for a, b in zip(straight.optimizer.state.values(), second.optimizer.state.values()):
+        assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+
+
+class _ExplodingSource(SyntheticHierarchy):
+    def batches(self, batch_size, seed=0, start=0):
+        for i, batch in enumerate(super().batches(batch_size, seed, start), start):
+            yield batch * 1e25 if i == 3 else batch
+
+
+def test_nan_loss_stops_with_step_batch_and_checkpoint(tmp_path):
+    trainer = Trainer(tiny_cfg(), tiny_train(), _ExplodingSource(**TINY_DATA), tmp_path)
+    with pytest.raises(TrainingDiverged, match="step 3") as info:
+        trainer.fit()
+    assert "nan_batch_step_000000003" in str(info.value)
+    saved = json.loads((tmp_path / "checkpoints" / "latest.json").read_text())
+    assert saved["step"] == 3
+    assert (tmp_path / "checkpoints" / "nan_batch_step_000000003.safetensors").is_file()
+
+
+def test_flat_baseline_matches_dict_size_and_total_l0():
+    flat = flat_baseline_config(tiny_cfg())
+    assert flat.level_sizes == (22,) and flat.k == (7,) and flat.num_levels == 1
+
+
+def test_train_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="TrainConfig.lr"):
+        TrainConfig(lr=-1.0)
+    with pytest.raises(ValueError, match="TrainConfig.batch_size"):
+        TrainConfig(batch_size="big")
+    with pytest.raises(ValueError, match="b_dec_init"):
+        TrainConfig(b_dec_init="median")
+    with pytest.raises(ValueError, match="--model and --layer"):
+        TrainConfig(model="gpt2")
