@@ -16,6 +16,21 @@ from ..metrics import hcs_counts
 
 # Density histogram bins, in log10(density): features rarer than 1e-7 go in the first bin.
 DENSITY_BINS = np.linspace(-7.0, 0.0, 29)
+
+def grouped_token_stats(groups, tokens, counts, size: int):
+    """Token histograms of `size` groups (features or paths), given as (group, token, count) triples
+    with each (group, token) pair once. Returns per group (size,): total count, token entropy
+    (nats), share of the most frequent token, and that token (ties: any of them)."""
+    totals = torch.zeros(size, dtype=torch.float64).index_add_(0, groups, counts.double())
+    p = counts.double() / totals[groups]
+    entropy = torch.zeros(size, dtype=torch.float64).index_add_(0, groups, -p * p.log())
+    top_share = torch.zeros(size, dtype=torch.float64).scatter_reduce_(0, groups, p, "amax")
+    top_token = torch.full((size,), -1, dtype=torch.int64)
+    is_top = p == top_share[groups]
+    top_token[groups[is_top]] = tokens[is_top]
+    return totals, entropy, top_share, top_token
+
+
 class CodeStats:
     """Accumulates reconstruction (SPEC 7), sparsity, density, HCS (SPEC 6), each feature's top
     activations with their position, and (with token ids) the token histogram of every feature."""
@@ -203,12 +218,8 @@ class CodeStats:
         hist = self.token_histograms()
         if hist is None:
             return None
-        features, _tokens, counts = hist
-        F = self.cfg.dict_size
-        totals = torch.zeros(F, dtype=torch.float64).index_add_(0, features, counts.double())
-        p = counts.double() / totals[features]
-        entropy = torch.zeros(F, dtype=torch.float64).index_add_(0, features, -p * p.log())
-        top_share = torch.zeros(F, dtype=torch.float64).scatter_reduce_(0, features, p, "amax")
+        features, tokens, counts = hist
+        totals, entropy, top_share, _ = grouped_token_stats(features, tokens, counts, self.cfg.dict_size)
         out = {"min_count": min_count, "features_scored": [], "token_entropy": [], "top_token_share": [], "specificity": []}
         for off, size in zip(self.cfg.level_offsets, self.cfg.level_sizes):
             sl = slice(off, off + size)
