@@ -213,3 +213,17 @@ def test_a_broken_model_fails_eval(lm_model_run, tmp_path, capsys):
         saved = json.loads((run / "metrics.json").read_text())
         assert saved["healthy"] is False and any(reason in r for r in saved["health_reasons"]), saved["health_reasons"]
         assert "UNHEALTHY" in capsys.readouterr().out
+
+
+def test_eval_of_an_activation_file_run_reports_the_non_lm_subset(tmp_path):
+    from run_dirs import fit_layer, write_run
+    import numpy as np
+
+    x = torch.randn(2000, 16, generator=torch.Generator().manual_seed(8)) @ torch.randn(16, 16, generator=torch.Generator().manual_seed(9))
+    np.save(tmp_path / "acts.npy", x.numpy())
+    layer = fit_layer(HSAEConfig(d_model=16, level_sizes=(32, 8, 2), k=(4, 2, 1)), x)
+    run = write_run(tmp_path / "run", layer, {"data": str(tmp_path / "acts.npy")})
+    metrics = evaluate_run(run, tokens=1500, progress=False)
+    assert metrics["n_tokens"] == 1500 and metrics["kind"] == "activations"
+    assert not any(k.startswith(("ce_", "kl_")) for k in metrics) and "specificity" not in metrics
+    assert metrics["healthy"] and 0 < metrics["explained_variance"] < 1 and metrics["hcs"] == 1.0

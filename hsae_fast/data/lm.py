@@ -369,44 +369,13 @@ def cached_rows(folder) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tens
         yield tokens["token_ids"].long(), tokens["special"], load_file(str(shard))["activations"]
 
 
-class ShardActivations:
-    """A minimal ActivationSource over a cache folder: `d_model`, `batches`, `sample`."""
-
-    def __init__(self, folder):
-        from safetensors.torch import load_file
-
-        self.folder = Path(folder)
-        shards = sorted(self.folder.glob("shard_*.safetensors"))
-        if not shards:
-            raise FileNotFoundError(f"{self.folder} holds no shard_*.safetensors")
-        self.data = torch.cat([load_file(str(s))["activations"] for s in shards])
-        self.d_model = int(self.data.shape[1])
-
-    def __len__(self) -> int:
-        return self.data.shape[0]
-
-    def batches(self, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:
-        """Endless shuffled batches (a new permutation per epoch)."""
-        gen = torch.Generator().manual_seed(seed)
-        while True:
-            order = torch.randperm(len(self), generator=gen)
-            for start in range(0, len(self) - batch_size + 1, batch_size):
-                yield self.data[order[start : start + batch_size]]
-
-    def sample(self, n: int, seed: int = 0) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(seed)
-        return self.data[torch.randperm(len(self), generator=gen)[: min(n, len(self))]]
-
-
 def open_lm_source(model: str = DEFAULT_MODEL, layer: Optional[int] = None, **options):
     """An ActivationSource over `model`'s layer `layer` (cached to disk first, once).
     options: those of `cache_activations` (corpus, split, context, tokens, batch_rows, device, ...)."""
     layer = DEFAULT_LAYER if layer is None else int(layer)
     folder = cache_activations(model or DEFAULT_MODEL, layer, **options)
-    try:
-        from . import open_source
-    except ImportError:
-        return ShardActivations(folder)
+    from . import open_source
+
     return open_source(str(folder))
 
 

@@ -4,8 +4,8 @@ Evaluation data, batch by batch (`EvalBatch`):
 - LM runs (`trainer.model` set): held-out text of the run's corpus (whole plays for Shakespeare),
   cut into rows as for training; each batch carries the rows, their special-token mask and the
   hooked activations, so the CE/KL splice can run on the very same rows and positions.
-- Other runs (synthetic, .npy, shard folders): `open_source(data).sample(tokens, seed)`, with a
-  seed other than the training one.
+- Other runs (synthetic, .npy, shard folders): the training source reopened as the trainer opens
+  it, `sample(tokens, EVAL_SEED)`, a seed no training default uses.
 """
 from __future__ import annotations
 
@@ -123,18 +123,13 @@ class EvalData:
         self.special = lm.special_mask(self.rows, lm.special_token_ids(self.tokenizer))
 
     def _open_source(self):
-        data = self.run.trainer.get("data")
-        if not data:
-            raise ValueError(f"{self.run.directory}/config.json: trainer.data is missing; cannot find evaluation data")
-        try:
-            from ..data import open_source
-        except ImportError as exc:
-            raise ImportError(f"hsae_fast.data.open_source is needed to read data={data!r}") from exc
-        options = {k: self.run.trainer[k] for k in ("d_model",) if k in self.run.trainer}
-        try:
-            return open_source(data, **options)
-        except TypeError:
-            return open_source(data)
+        """The training source, reopened as the trainer opened it (synthetic options included)."""
+        from ..train.config import TrainConfig
+        from ..train.run import open_run_source
+
+        known = {f for f in TrainConfig.__dataclass_fields__}
+        tcfg = TrainConfig(**{k: v for k, v in self.run.trainer.items() if k in known})
+        return open_run_source(tcfg, self.run.hsae)
 
     def batches(self) -> Iterator[EvalBatch]:
         if not self.run.is_lm:
