@@ -29,10 +29,12 @@ def resolve_fields(args) -> tuple[dict, dict]:
         if getattr(args, name, None) is not None:
             fields[name] = getattr(args, name)
     model_fields, train_fields = split_fields(fields)
-    # Validate the trainer fields now: a bad value fails before any data is opened.
-    from .config import TrainConfig
+    # Validate everything now: a bad value fails before any data is opened (d_model comes from
+    # the data, so the model fields are checked with the user's d_model or a stand-in).
+    from .config import TrainConfig, resolve_model_config
 
-    TrainConfig(**train_fields)
+    tcfg = TrainConfig(**train_fields)
+    resolve_model_config(model_fields, int(model_fields.get("d_model", 64)), tcfg)
     return model_fields, train_fields
 
 

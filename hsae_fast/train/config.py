@@ -18,8 +18,7 @@ B_DEC_INITS = ("geometric_median", "mean", "zero")
 BASELINES = ("none", "flat")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
-# What the embedded synthetic task trains when the user names no sizes (SPEC 8's setting).
-SYNTHETIC_MODEL = {"level_sizes": (128, 32, 8), "k": (8, 4, 2)}
+SYNTHETIC_D_MODEL = 128
 
 
 def default_model(d_model: int) -> dict:
@@ -39,6 +38,11 @@ class TrainConfig:
     model: Optional[str] = None
     layer: Optional[int] = None
     data_seed: int = 0
+    # The embedded synthetic hierarchy (data="synthetic"; its d_model is the model's, default 128).
+    synthetic_sizes: Sequence[int] = (128, 32, 8)
+    synthetic_active: Sequence[float] = (8.0, 4.0, 2.0)
+    synthetic_child_cos: float = 0.5
+    synthetic_noise: float = 0.02
     tokens: int = 6_000_000
     batch_size: int = 1024
     lr: float = 2e-3
@@ -118,7 +122,17 @@ class TrainConfig:
                          "--model and --layer go together (a language model source needs both)")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    @property
+    def synthetic(self) -> bool:
+        return self.data == "synthetic" and self.model is None
+
+    def synthetic_model(self) -> dict:
+        """What the synthetic task trains when the user names no sizes: one feature per concept
+        and k = the mean active concepts per level (SPEC 8's setting by default)."""
+        return {"level_sizes": tuple(self.synthetic_sizes), "k": tuple(max(1, round(a)) for a in self.synthetic_active)}
 
 
 def _error(name, value, rule) -> ValueError:
@@ -256,18 +270,17 @@ def split_fields(fields: dict) -> tuple[dict, dict]:
     return model, trainer
 
 
-def resolve_model_config(model_fields: dict, d_model: int, synthetic: bool) -> HSAEConfig:
+def resolve_model_config(model_fields: dict, d_model: int, tcfg: TrainConfig) -> HSAEConfig:
     """The user's model fields over the defaults for this source (d_model comes from the data)."""
     fields = dict(model_fields)
     if "d_model" in fields and fields["d_model"] != d_model:
         raise ValueError(f"HSAEConfig.d_model={fields['d_model']}: the data has d_model={d_model}")
     fields["d_model"] = d_model
+    defaults = tcfg.synthetic_model() if tcfg.synthetic else default_model(d_model)
     if not any(key in fields for key in ("level_sizes", "dict_size")):
-        defaults = SYNTHETIC_MODEL if synthetic else default_model(d_model)
         for key, value in defaults.items():
             fields.setdefault(key, value)
-    if "k" not in fields:
-        fields["k"] = (SYNTHETIC_MODEL if synthetic else default_model(d_model))["k"]
+    fields.setdefault("k", defaults["k"])
     return HSAEConfig(**fields)
 
 

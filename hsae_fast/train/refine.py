@@ -39,7 +39,8 @@ def collect_codes(layer, batches: Iterable[torch.Tensor]) -> torch.Tensor:
         n += x.shape[0]
     layer.train(was_training)
     F = layer.cfg.dict_size
-    return torch.sparse_coo_tensor(torch.stack([torch.cat(rows), torch.cat(cols)]), torch.cat(vals), (n, F)).coalesce()
+    return torch.sparse_coo_tensor(torch.stack([torch.cat(rows), torch.cat(cols)]), torch.cat(vals), (n, F),
+                                   check_invariants=False).coalesce()
 
 
 def descendants(parent: torch.Tensor, feature: int) -> torch.Tensor:

@@ -15,9 +15,14 @@ from .config import TrainConfig, flat_baseline_config, resolve_model_config
 from .trainer import Trainer, write_json
 
 
-def open_run_source(tcfg: TrainConfig):
-    options = {"seed": tcfg.data_seed} if tcfg.data == "synthetic" and tcfg.model is None else {}
-    return open_source(tcfg.data, model=tcfg.model, layer=tcfg.layer, **options)
+def open_run_source(tcfg: TrainConfig, model_fields: dict):
+    if not tcfg.synthetic:
+        return open_source(tcfg.data, model=tcfg.model, layer=tcfg.layer)
+    from .config import SYNTHETIC_D_MODEL
+
+    return open_source("synthetic", seed=tcfg.data_seed, d_model=model_fields.get("d_model", SYNTHETIC_D_MODEL),
+                       level_sizes=tcfg.synthetic_sizes, mean_active=tcfg.synthetic_active,
+                       child_parent_cos=tcfg.synthetic_child_cos, noise_std=tcfg.synthetic_noise)
 
 
 def run_config(cfg: HSAEConfig, tcfg: TrainConfig) -> dict:
@@ -82,7 +87,6 @@ def train_one(cfg: HSAEConfig, tcfg: TrainConfig, source, out_dir: Path, resume:
     trainer.save_final()
     metrics = {}
     if trainer.dist.main:
-        synthetic = tcfg.data == "synthetic" and tcfg.model is None
         refined_W = None
         if tcfg.refine and cfg.num_levels > 1:
             from safetensors.torch import save_file
@@ -92,7 +96,7 @@ def train_one(cfg: HSAEConfig, tcfg: TrainConfig, source, out_dir: Path, resume:
             sample = source.sample(tcfg.eval_tokens, tcfg.seed + 2)
             refined_W = refine_decoder(trainer.layer, sample.split(4096))["W_dec"]
             save_file({"W_dec": refined_W.contiguous()}, str(out_dir / "final" / "refined_decoder.safetensors"))
-        metrics = evaluate(trainer.layer, source, tcfg, synthetic, refined_W)
+        metrics = evaluate(trainer.layer, source, tcfg, tcfg.synthetic, refined_W)
         metrics.update(steps=trainer.step, tokens=trainer.step * tcfg.batch_size, train_seconds=round(trainer.elapsed, 1))
         write_json(out_dir / "final_metrics.json", metrics)
     return trainer, metrics
@@ -101,9 +105,8 @@ def train_one(cfg: HSAEConfig, tcfg: TrainConfig, source, out_dir: Path, resume:
 def run(model_fields: dict, train_fields: dict, out_dir, resume: bool = False) -> dict:
     """Train the configured model (and the flat baseline when asked); returns the final metrics."""
     tcfg = TrainConfig(**train_fields)
-    source = open_run_source(tcfg)
-    synthetic = tcfg.data == "synthetic" and tcfg.model is None
-    cfg = resolve_model_config(model_fields, source.d_model, synthetic)
+    source = open_run_source(tcfg, model_fields)
+    cfg = resolve_model_config(model_fields, source.d_model, tcfg)
     out_dir = Path(out_dir)
     trainer, metrics = train_one(cfg, tcfg, source, out_dir, resume, "hsae")
     results = {"hsae": metrics}

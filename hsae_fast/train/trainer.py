@@ -330,12 +330,17 @@ class Trainer:
 
 
 def write_json(path, data) -> None:
-    atomic_write_bytes(Path(path), json.dumps(data, indent=2, default=_json_default).encode())
+    """Strict JSON (NaN, e.g. a flat SAE's tree recovery, becomes null), written atomically."""
+    atomic_write_bytes(Path(path), json.dumps(_plain(data), indent=2, allow_nan=False).encode())
 
 
-def _json_default(value):
-    if isinstance(value, float) and math.isnan(value):
-        return None
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
     if torch.is_tensor(value):
-        return value.tolist()
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+        return _plain(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,101 @@
+"""`hsae train` (SPEC 9): flags, config files, the run directory, errors before any work."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hsae_fast import HSAELayer
+from hsae_fast.cli import main
+from hsae_fast.train.config import load_config_file, parse_field_flags
+
+TINY = ["--d-model", "16", "--synthetic-sizes", "16,4,2", "--synthetic-active", "4,2,1", "--tokens", "640", "--batch_size", "64",
+        "--eval-tokens", "256", "--b-dec-init-tokens", "256", "--progress", "false", "--backend", "torch",
+        "--log-every", "5", "--checkpoint-every", "5"]
+
+
+def test_field_flags_parse_dashes_underscores_lists_and_bools():
+    fields = parse_field_flags(["--level-sizes", "128,32,8", "--learn_edges", "true", "--lr=1e-3", "--k-aux", "none",
+                                "--prefix-until", "0.25", "--seed", "-3"])
+    assert fields == {"level_sizes": (128, 32, 8), "learn_edges": True, "lr": 1e-3, "k_aux": None,
+                      "prefix_until": 0.25, "seed": -3}
+    with pytest.raises(ValueError, match="unknown field --colour"):
+        parse_field_flags(["--colour", "blue"])
+    with pytest.raises(ValueError, match="--tokens 'many': expected int"):
+        parse_field_flags(["--tokens", "many"])
+    with pytest.raises(ValueError, match="needs a value"):
+        parse_field_flags(["--lr"])
+
+
+def test_config_files_json_yaml_and_sections(tmp_path):
+    (tmp_path / "a.yaml").write_text("lr: 0.001\nlevel_sizes: [64, 16, 4]\n")
+    assert load_config_file(tmp_path / "a.yaml") == {"lr": 0.001, "level_sizes": [64, 16, 4]}
+    (tmp_path / "b.json").write_text(json.dumps({"hsae": {"k": [4, 2, 1]}, "trainer": {"tokens": 100}}))
+    assert load_config_file(tmp_path / "b.json") == {"k": [4, 2, 1], "tokens": 100}
+    (tmp_path / "c.json").write_text(json.dumps({"learning_rate": 1}))
+    with pytest.raises(ValueError, match="learning_rate"):
+        load_config_file(tmp_path / "c.json")
+
+
+def test_errors_come_before_any_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--colour", "blue"]) == 2
+    assert "unknown field --colour" in capsys.readouterr().err
+    assert main(["train", "--out", str(out), "--lr", "-1"]) == 2
+    assert "TrainConfig.lr" in capsys.readouterr().err
+    assert main(["train", "--out", str(out), "--k", "4,8,1", "--level-sizes", "16,4,2", "--data", "missing.npy"]) == 2
+    assert "HSAEConfig.k" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_run_directory_layout_and_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--data", "synthetic", "--out", str(out), "--data-seed", "1", *TINY]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert set(config) == {"hsae", "trainer"}
+    assert config["hsae"]["level_sizes"] == [16, 4, 2] and config["trainer"]["tokens"] == 640
+    assert {"data", "model", "layer"} <= set(config["trainer"])
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [5, 10]
+    for key in ("step", "tokens", "loss", "fvu", "l0", "dead_frac", "lr", "elapsed_s"):
+        assert key in lines[0]
+    layer = HSAELayer.from_pretrained(out / "final")
+    assert layer.cfg.level_sizes == (16, 4, 2)
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert {"recovery", "tree_recovery", "hcs", "fvu", "l0", "refined"} <= set(final)
+    assert (out / "final" / "refined_decoder.safetensors").is_file()
+    assert "| tree recovery |" in capsys.readouterr().out
+    # a finished run resumes to the same result without training again
+    assert main(["train", "--data", "synthetic", "--out", str(out), "--data-seed", "1", "--resume", *TINY]) == 0
+    again = HSAELayer.from_pretrained(out / "final")
+    assert torch.equal(again.W_dec, layer.W_dec)
+    # resuming with another configuration is refused
+    assert main(["train", "--out", str(out), "--data-seed", "1", "--resume", *TINY, "--lr", "0.5"]) == 2
+    assert "trainer.lr" in capsys.readouterr().err
+
+
+def test_config_file_with_flag_override_on_npy_data(tmp_path):
+    data = np.random.default_rng(0).normal(size=(512, 12)).astype(np.float32)
+    np.save(tmp_path / "acts.npy", data)
+    (tmp_path / "cfg.yaml").write_text("level_sizes: [12, 6, 3]\nk: [3, 2, 1]\ntokens: 256\nbatch_size: 64\n"
+                                       "progress: false\nbackend: torch\neval_tokens: 128\nlr: 0.5\n")
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(tmp_path / "acts.npy"), "--out", str(out), "--config",
+                 str(tmp_path / "cfg.yaml"), "--lr", "0.002", "--b-dec-init", "mean"])
+    assert code == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["trainer"]["lr"] == 0.002 and config["trainer"]["b_dec_init"] == "mean"
+    assert config["hsae"]["d_model"] == 12
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert {"fvu", "mse", "l0", "dead_frac", "hcs"} <= set(final)
+
+
+def test_flat_baseline_trains_beside_and_prints_the_table(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--baseline", "flat", *TINY, "--tokens", "320"]) == 0
+    flat = HSAELayer.from_pretrained(out / "flat" / "final")
+    assert flat.cfg.level_sizes == (22,) and flat.cfg.k == (7,)
+    table = capsys.readouterr().out
+    assert "| metric | HSAE | flat SAE |" in table and "recovery bottom/mid/top" in table
+    flat_metrics = json.loads((out / "flat" / "final_metrics.json").read_text())
+    assert flat_metrics["tree_recovery"] is None  # a flat SAE has no tree
