@@ -113,8 +113,8 @@ def _scatter_rows_sorted_kernel(
     f = tl.program_id(0)
     ds = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = ds < d
-    lo = tl.load(feat_ptr_ptr + f)
-    hi = tl.load(feat_ptr_ptr + f + 1)
+    lo = tl.load(feat_ptr_ptr + f).to(tl.int32)
+    hi = tl.load(feat_ptr_ptr + f + 1).to(tl.int32)
     total = tl.zeros((BLOCK_D,), ACC)
     sums = tl.zeros((SUMS_PAD,), ACC)
     ms = tl.arange(0, SUMS_PAD)

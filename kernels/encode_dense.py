@@ -102,13 +102,13 @@ def _gpu_configs():
     return configs
 
 
-# The interpreter runs one program at a time in numpy: few, large blocks are fastest there.
-_INTERPRETER_BLOCKS = {"BLOCK_N": 32, "BLOCK_F": 32, "BLOCK_D": 16}
-
-if INTERPRETED:
-    _dense_topk = _dense_topk_kernel
-else:
-    _dense_topk = triton.autotune(configs=_gpu_configs(), key=["d", "KMAX", "HAS_PARENT"])(_dense_topk_kernel)
+# The interpreter runs one program at a time in numpy: few, large blocks are fastest there. On a
+# GPU, small problems (tests, tiny levels) skip autotuning: compiling every config costs seconds.
+_FIXED_BLOCKS = ({"BLOCK_N": 32, "BLOCK_F": 32, "BLOCK_D": 16} if INTERPRETED
+                 else {"BLOCK_N": 64, "BLOCK_F": 64, "BLOCK_D": 32, "num_warps": 4, "num_stages": 2})
+_AUTOTUNE_MIN_WORK = 1 << 24  # N * level_size above which the autotuned kernel runs
+_dense_topk_tuned = None if INTERPRETED else triton.autotune(
+    configs=_gpu_configs(), key=["d", "KMAX", "HAS_PARENT"])(_dense_topk_kernel)
 
 
 def _num_chunks(N: int, level_size: int, device: torch.device) -> int:
@@ -146,9 +146,10 @@ def encode_dense(xc, W_enc, b_enc, path_mask, level_offset: int, level_size: int
         else:  # never read: HAS_PARENT is a compile-time False
             parent_args = (b_enc, live, live, b_enc, 0)
         edge_arg, parent_arg, pidx_arg, pval_arg, kp = parent_args
-        blocks = {} if not INTERPRETED else dict(_INTERPRETER_BLOCKS)
+        tuned = _dense_topk_tuned is not None and N * level_size >= _AUTOTUNE_MIN_WORK
+        kernel, blocks = (_dense_topk_tuned, {}) if tuned else (_dense_topk_kernel, _FIXED_BLOCKS)
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), n_chunks)  # noqa: E731
-        _dense_topk[grid](
+        kernel[grid](
             xc, W_enc, b_enc, live, edge_arg, parent_arg, pidx_arg, pval_arg,
             part_scores, part_ids, part_slots,
             N, d, kp, level_offset, level_size, chunk_size, n_chunks,

@@ -43,8 +43,8 @@ def _routed_scores_kernel(
     parent_slot = pair % kp
     p_val = tl.load(pval_ptr + pair, mask=pair_ok, other=0.0).to(ACC)
 
-    c_lo = tl.load(child_ptr_ptr + p)
-    c_hi = tl.where(valid, tl.load(child_ptr_ptr + p + 1), c_lo)
+    c_lo = tl.load(child_ptr_ptr + p).to(tl.int32)
+    c_hi = tl.where(valid, tl.load(child_ptr_ptr + p + 1).to(tl.int32), c_lo)
     for c0 in range(c_lo, c_hi, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
         child_ok = cs < c_hi
@@ -65,8 +65,14 @@ def _routed_scores_kernel(
         tl.store(cand_id_ptr + col, child[None, :], mask=ok)
 
 
-_GPU_BLOCKS = {"BLOCK_T": 64, "BLOCK_C": 64, "BLOCK_D": 64}
-_INTERPRETER_BLOCKS = {"BLOCK_T": 16, "BLOCK_C": 16, "BLOCK_D": 16}
+_GPU_BLOCKS = {"BLOCK_T": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 3}
+_INTERPRETER_BLOCKS = {"BLOCK_T": 16, "BLOCK_D": 16}
+_MAX_BLOCK_C = 16 if INTERPRETED else 64
+
+
+def _child_block(max_children: int) -> int:
+    """Child tile width: the widest group rounded up (tl.dot needs 16), capped; wider groups loop."""
+    return min(max(16, triton.next_power_of_2(max_children)), _MAX_BLOCK_C)
 
 
 def _group_pairs_by_parent(parent_idx, parent_vals, parent_offset: int, num_parents: int, block_t: int):
@@ -117,6 +123,6 @@ def encode_routed(xc, W_enc, b_enc, edge_weight, parent_idx, parent_vals, child_
             cand_scores, cand_ids,
             d, kp, C, num_parents,
             ACC=acc_dtype(xc.dtype), DOT=dot_operand_dtype(xc.dtype), PRECISION=dot_precision(xc.dtype),
-            **blocks,
+            BLOCK_C=_child_block(C), **blocks,
         )
     return top_candidates(cand_scores, cand_ids, None, kmax, level_offset, slot_width=max(C, 1))

@@ -1,0 +1,205 @@
+#!/usr/bin/env bash
+# One call on a lent H100/H200: the GPU correctness tests, then the benchmarks; everything under $OUT.
+#
+#   bench/gpu_run.sh --fetch-wheels   here, before the call: peers' wheels into .whl/ (the device has no network)
+#   bench/gpu_run.sh                  on the device: run(command="bash bench/gpu_run.sh", carry=[".whl"], timeout_s=560)
+#   bench/gpu_run.sh --dry-run        anywhere, no GPU: syntax, imports, test collection, and the
+#                                     standalone timing at tiny shapes under the Triton interpreter
+#
+# Steps are time-boxed so the whole run ends inside one 10-minute call (device time is 15 min a
+# session, start included); a failing step is logged and the next one still runs.
+# Files back in $OUT (at most 8): env.txt, tests.log, timing.md, timing.log, bench.log,
+# bench_results.md, bench_results.tgz.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+MODE=${1:-run}
+case "$MODE" in
+  run|--dry-run|--fetch-wheels) ;;
+  *) echo "usage: bench/gpu_run.sh [--dry-run|--fetch-wheels]" >&2; exit 2 ;;
+esac
+
+if [[ "$MODE" == "--fetch-wheels" ]]; then
+  # The device's python3 is CPython 3.12 with torch, triton, transformers already (KINDS.md); only
+  # the peers are missing. Their own dependencies beyond that list are named here too.
+  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+  mkdir -p .whl
+  for spec in eai-sparsify sae-lens simple-parsing natsort transformer-lens; do
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+      --platform any -d .whl "$spec" || echo "could not fetch $spec (the bench skips that peer)"
+  done
+  ls -la .whl
+  exit 0
+fi
+
+if [[ "$MODE" == "--dry-run" ]]; then
+  OUT=${OUT:-$(mktemp -d)}
+  PY=${PYTHON:-.venv/bin/python}
+  export TRITON_INTERPRET=1
+else
+  OUT=${OUT:?run this through the device tool, which sets OUT, or pass --dry-run}
+  PY=${PYTHON:-python3}
+  export TRITON_INTERPRET=0   # tests/conftest.py only sets it when unset: real kernels on CUDA tensors
+fi
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+echo "results in $OUT"
+
+if [[ -d .whl ]] && compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+step() {  # step NAME SECONDS LOG COMMAND...: run with a time limit, log, never abort the script
+  local name=$1 limit=$2 log=$3; shift 3
+  local start=$SECONDS
+  echo "== $name (limit ${limit}s)" >> "$log"
+  timeout --signal=INT --kill-after=15 "$limit" "$@" >> "$log" 2>&1
+  local rc=$?
+  tail -n 3 "$log"
+  echo "== $name: exit $rc after $((SECONDS - start))s" | tee -a "$log"
+}
+
+{
+  date -u
+  git log --oneline -1 2>/dev/null
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
+  "$PY" -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+if [[ "$MODE" == "--dry-run" ]]; then
+  bash -n "$0" && echo "syntax ok"
+  step "import backend" 120 "$OUT/tests.log" "$PY" -c "from hsae_fast.backends import get_backend; get_backend('triton', 'cpu'); print('triton backend imports')"
+  step "collect tests" 120 "$OUT/tests.log" "$PY" -m pytest -q --collect-only -p no:cacheprovider tests/test_triton_kernels.py tests/test_backends.py
+  step "collect bench" 120 "$OUT/bench.log" "$PY" -m pytest -q --collect-only -p no:cacheprovider bench/
+  TIMING_SHAPE="64 32 256 8"   # N d F K: seconds under the interpreter
+else
+  # Correctness on CUDA tensors: the kernel tests and the full backend product (CUDA mirror), plus
+  # the CPU backends' cases (the triton cases of tests/test_backends.py need the interpreter).
+  step "gpu tests: kernels and the CUDA backend product" 200 "$OUT/tests.log" \
+    "$PY" -m pytest -q -p no:cacheprovider --durations=10 tests/test_triton_kernels.py
+  step "cpu backend tests" 60 "$OUT/tests.log" "$PY" -m pytest -q -p no:cacheprovider tests/test_backends.py -k "not triton"
+  TIMING_SHAPE="8192 2304 65536 64"
+fi
+
+# Standalone timing of the encode against torch.matmul and matmul + topk (issue 4's targets), the
+# routed encode of a wide level, and the decode's bandwidth; round-robin, medians, peak memory.
+step "standalone timing" 150 "$OUT/timing.log" "$PY" - $TIMING_SHAPE "$OUT/timing.md" <<'PY'
+import statistics
+import sys
+import time
+
+import torch
+
+from hsae_fast.backends.common import accumulation_dtype  # noqa: F401  (package importable)
+from kernels.decode import decode_backward, decode_forward
+from kernels.encode_dense import encode_dense
+from kernels.encode_routed import encode_routed
+
+N, d, F, K = (int(v) for v in sys.argv[1:5])
+report = sys.argv[5]
+cuda = torch.cuda.is_available()
+device = torch.device("cuda" if cuda else "cpu")
+dtype = torch.bfloat16 if cuda else torch.float32
+rounds = 15 if cuda else 2
+gen = torch.Generator(device=device).manual_seed(0)
+xc = torch.randn(N, d, device=device, generator=gen).to(dtype)
+W = (torch.randn(F, d, device=device, generator=gen) / d**0.5).to(dtype)
+b = torch.zeros(F, device=device, dtype=dtype)
+mask = torch.ones(F, dtype=torch.bool, device=device)
+
+
+def sync():
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def timed(fn):
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def peak_bytes(fn):
+    if not cuda:
+        return float("nan")
+    sync()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    sync()
+    return torch.cuda.max_memory_allocated() - base
+
+
+# Routed: a wide level under a parent level of F/64 features (64 children each), 16 active parents.
+P, kp = max(1, F // 64), 16
+parent_offset = F
+child_ptr = torch.arange(0, F + 1, 64, device=device)
+child_ids = torch.arange(F, device=device)
+p_idx = parent_offset + torch.stack([torch.randperm(P, device=device)[:min(kp, P)] for _ in range(N)])
+p_vals = torch.rand(p_idx.shape, device=device)
+edge = torch.zeros(F, device=device, dtype=dtype)
+
+# Decode: K slots per token over all F features (one level), random ids.
+idx = torch.randint(0, F, (N, K), device=device)
+vals = torch.rand(N, K, device=device)
+gain = torch.ones(1, device=device, dtype=dtype)
+g_out = torch.randn(N, d, device=device, dtype=dtype)
+
+cases = {
+    "torch.matmul (N x F scores)": lambda: xc @ W.T,
+    "matmul + bias + torch.topk": lambda: torch.topk(torch.addmm(b, xc, W.T), K, dim=1),
+    "triton encode_dense (fused top-k)": lambda: encode_dense(xc, W, b, mask, 0, F, K),
+    f"triton encode_routed ({min(kp, P)} parents x 64 children)": lambda: encode_routed(
+        xc, W, b, edge, p_idx, p_vals, child_ptr, child_ids, 64, 0, F, K),
+    "triton decode forward": lambda: decode_forward(idx, vals, W, gain, b[:d], [K], False),
+    "triton decode backward (atomic)": lambda: decode_backward(g_out, idx, vals, W, gain, [K], False, True, True, True),
+    "copy of W (bandwidth probe)": lambda: W.clone(),
+}
+times = {name: [] for name in cases}
+for name, fn in cases.items():  # warm-up: compiles and autotunes
+    fn()
+for _ in range(rounds):  # round-robin, so drifting clocks hit every case alike
+    for name, fn in cases.items():
+        times[name].append(timed(fn))
+median = {name: statistics.median(ts) for name, ts in times.items()}
+peaks = {name: peak_bytes(fn) for name, fn in cases.items()}
+
+itemsize = xc.element_size()
+copy_bw = 2 * F * d * itemsize / median["copy of W (bandwidth probe)"]
+# Bytes the decode must move: forward reads N*K rows of d and writes N x d; backward reads g (N x d)
+# and N*K rows twice (g_vals dot, g_W scatter) and read-modify-writes N*K fp32 rows of g_W.
+decode_fwd_bytes = N * K * d * itemsize + N * d * itemsize
+decode_bwd_bytes = N * d * itemsize + N * K * d * (itemsize + 2 * 4)
+bw = {"triton decode forward": decode_fwd_bytes, "triton decode backward (atomic)": decode_bwd_bytes}
+
+mm = median["torch.matmul (N x F scores)"]
+mm_topk = median["matmul + bias + torch.topk"]
+lines = [
+    f"# Standalone timing: N={N} d={d} F={F} K={K} {dtype} on {torch.cuda.get_device_name() if cuda else 'cpu (interpreter)'}",
+    f"median of {rounds} round-robin rounds; peak = extra memory allocated during one call",
+    "",
+    "| case | median ms | vs matmul | vs matmul+topk | peak MiB | GB/s (share of copy) |",
+    "|---|---|---|---|---|---|",
+]
+for name in cases:
+    t = median[name]
+    share = f"{bw[name] / t / 1e9:.0f} ({bw[name] / t / copy_bw:.0%})" if name in bw else ""
+    lines.append(f"| {name} | {t * 1e3:.3f} | {t / mm:.2f}x | {mm_topk / t:.2f}x faster | {peaks[name] / 2**20:.1f} | {share} |")
+lines += ["", f"copy bandwidth (read + write): {copy_bw / 1e9:.0f} GB/s",
+          f"targets (issue 4): encode_dense <= 1.25x matmul, >= 1.5x faster than matmul+topk; decode >= 60% of copy"]
+open(report, "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+PY
+
+if [[ "$MODE" != "--dry-run" ]]; then
+  results=/tmp/hsae_bench_results
+  step "pytest bench/" 200 "$OUT/bench.log" "$PY" -m pytest bench/ -q -p no:cacheprovider --bench-out "$results"
+  [[ -f "$results/results.md" ]] && cp "$results/results.md" "$OUT/bench_results.md"
+  [[ -d "$results" ]] && tar -czf "$OUT/bench_results.tgz" -C "$(dirname "$results")" "$(basename "$results")"
+fi
+ls -la "$OUT"
