@@ -28,7 +28,7 @@ import torch
 
 from ..eval.evaluate import _finite_json, _md
 from ..eval.runs import EvalData, load_run
-from ..eval.stats import CodeStats
+from ..eval.stats import CodeStats, grouped_token_stats
 from ..io import atomic_write_bytes
 from ..metrics import child_parent_cosine, tree_use
 from ..tree import subtree_mask
@@ -83,6 +83,7 @@ def analyze_run(
         "edge_attribution_mean": (paths.attribution_sum / paths.cofire.clamp_min(1)).tolist(),
         "parent": parent.tolist(),
         "path_mask": path_mask.tolist(),
+        "top_token": _top_tokens(codes, data),
     }
     atomic_write_bytes(run.directory / "analysis.json", json.dumps(_finite_json(result)).encode())
     atomic_write_bytes(run.directory / "analysis.md", _markdown(result, cfg).encode())
@@ -96,6 +97,15 @@ def _cofire_share(paths: PathStats, codes: CodeStats, parent: torch.Tensor) -> t
     parent_counts = codes.counts[parent[has]].double()
     share[has] = torch.where(parent_counts > 0, paths.cofire[has].double() / parent_counts.clamp_min(1), torch.nan)
     return share
+
+
+def _top_tokens(codes: CodeStats, data: EvalData) -> Optional[list]:
+    """(F,) each feature's most frequent activating token as text (None: never fired); None without text."""
+    hist = codes.token_histograms()
+    if hist is None:
+        return None
+    _, _, _, top = grouped_token_stats(*hist, codes.cfg.dict_size)
+    return [data.token_text(t) if t >= 0 else None for t in top.tolist()]
 
 
 def _level_of(cfg, feature: int) -> int:
