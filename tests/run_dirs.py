@@ -96,3 +96,17 @@ def lm_run(root: Path, name: str = "run", cfg: HSAEConfig | None = None) -> Path
     layer = fit_layer(cfg, x)
     return write_run(root / name, layer, {"data": "lm", "model": str(model_dir), "layer": HOOK_LAYER,
                                           "corpus": str(corpus), "context": CONTEXT})
+
+
+_SHARED: dict = {}
+
+
+def shared_lm_run(tmp_path_factory, name: str) -> Path:
+    """A private copy (`name`) of one LM run built once per test session: building costs seconds."""
+    import shutil
+
+    if "base" not in _SHARED:
+        _SHARED["base"] = lm_run(tmp_path_factory.mktemp("lm_base"))
+    target = tmp_path_factory.mktemp(name) / "run"
+    shutil.copytree(_SHARED["base"], target)
+    return target

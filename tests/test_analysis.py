@@ -11,7 +11,7 @@ from hsae_fast import HSAEConfig, HSAELayer
 from hsae_fast.analysis import PathStats, analyze_run
 from hsae_fast.cli import main as hsae_main
 from helpers import random_layer
-from run_dirs import lm_run
+from run_dirs import shared_lm_run
 
 
 def brute_force_paths(layer, levels) -> tuple[dict, torch.Tensor]:
@@ -61,8 +61,8 @@ def _level(cfg, f):
     return next(l for l, (o, s) in enumerate(zip(cfg.level_offsets, cfg.level_sizes)) if o <= f < o + s)
 
 
-def test_analyze_reports_paths_pruning_and_merges(tmp_path):
-    run = lm_run(tmp_path)
+def test_analyze_reports_paths_pruning_and_merges(tmp_path_factory):
+    run = shared_lm_run(tmp_path_factory, "analysis")
     layer = HSAELayer.from_pretrained(run / "final")
     cfg = layer.cfg
     # Plant a dead subtree (a level-1 feature that never fires) and a near-duplicate sibling pair.

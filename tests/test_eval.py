@@ -15,7 +15,7 @@ from hsae_fast.eval import CodeStats, evaluate_run, health_verdict
 from hsae_fast.eval.lm_scores import ModelPreservation
 from hsae_fast.data import lm
 from helpers import densify, random_layer
-from run_dirs import HOOK_LAYER, lm_run
+from run_dirs import HOOK_LAYER, shared_lm_run
 
 
 def dense_codes(layer, levels) -> torch.Tensor:
@@ -159,7 +159,7 @@ def test_health_verdict_flags_each_kind_of_broken_model():
 
 @pytest.fixture(scope="module")
 def lm_model_run(tmp_path_factory):
-    return lm_run(tmp_path_factory.mktemp("eval"))
+    return shared_lm_run(tmp_path_factory, "eval")
 
 
 def test_splicing_the_activation_itself_changes_nothing(lm_model_run):

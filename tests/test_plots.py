@@ -10,7 +10,7 @@ import pytest
 from hsae_fast.cli import main as hsae_main
 from hsae_fast.plots import make_all
 from hsae_fast.plots.figures import select_subtrees
-from run_dirs import lm_run
+from run_dirs import shared_lm_run
 
 FIGURES = ("training_progression.png", "feature_paths.png", "level_activations.png", "density_histograms.png")
 
@@ -25,7 +25,7 @@ def assert_drawn(path):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    return lm_run(tmp_path_factory.mktemp("plots"))
+    return shared_lm_run(tmp_path_factory, "plots")
 
 
 def test_make_all_writes_every_figure(run, tmp_path):
