@@ -117,6 +117,7 @@ def run(model_fields: dict, train_fields: dict, out_dir, resume: bool = False) -
             print(comparison_table(results["hsae"], flat_metrics))
     elif trainer.dist.main:
         print(comparison_table(metrics, None))
+    trainer.dist.close()
     return results
 
 

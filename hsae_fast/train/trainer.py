@@ -66,6 +66,13 @@ class Distributed:
         if self.world > 1:
             dist.barrier()
 
+    @staticmethod
+    def close() -> None:
+        """Shut the process group down before exit (gloo aborts at interpreter exit otherwise)."""
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
