@@ -20,92 +20,148 @@ from . import INTERPRETED, acc_dtype, dot_operand_dtype, dot_precision, num_sms
 from .select import top_candidates
 
 
+# Packed keys (float32 accumulation): a score and its feature id in one int64 whose integer order
+# is the score order (ties: larger id first). One max per step finds a row's best score and its id
+# together; the running winners need no separate id array and no argmax/argmin.
+_DEAD_KEY: tl.constexpr = tl.constexpr(-(2**63))  # below every key: pruned or out-of-range entries
+_LOW_MASK: tl.constexpr = tl.constexpr(2**32 - 1)
+
+
+@triton.jit
+def _key_of_score(s):
+    """float32 (BLOCK_N, BLOCK_F) -> int32 with the same order (sign-magnitude to two's complement)."""
+    bits = s.to(tl.int32, bitcast=True)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _score_of_key(high):
+    bits = high ^ ((high >> 31) & 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _score_tile(xc_ptr, w_ptr, b_ptr, live_ptr, edge_ptr, parent_ptr, pidx_ptr, pval_ptr,
+                rows, row_ok, f0, chunk_hi, d, kp, level_offset,
+                HAS_PARENT: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Scores (BLOCK_N, BLOCK_F) of features level_offset + f0 + [0, BLOCK_F), -inf where pruned or
+    outside the chunk, and each entry's parent slot (-1: none)."""
+    feats = level_offset + f0 + tl.arange(0, BLOCK_F)
+    feat_ok = f0 + tl.arange(0, BLOCK_F) < chunk_hi
+    acc = tl.zeros((BLOCK_N, BLOCK_F), ACC)
+    for k0 in range(0, d, BLOCK_D):
+        ks = k0 + tl.arange(0, BLOCK_D)
+        k_ok = ks < d
+        x = tl.load(xc_ptr + rows[:, None] * d + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + feats[None, :] * d + ks[:, None], mask=feat_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(x.to(DOT), w.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
+    s = acc + tl.load(b_ptr + feats, mask=feat_ok, other=0.0).to(ACC)[None, :]
+    slot = tl.zeros((BLOCK_N, BLOCK_F), tl.int32) - 1
+    if HAS_PARENT:
+        # Edge term: a child's score gets edge_weight * its parent's activation, where active.
+        my_parent = tl.load(parent_ptr + feats, mask=feat_ok, other=-1)
+        edge = tl.load(edge_ptr + feats, mask=feat_ok, other=0.0).to(ACC)
+        for j in range(0, kp):
+            p_id = tl.load(pidx_ptr + rows * kp + j, mask=row_ok, other=-1)
+            p_val = tl.load(pval_ptr + rows * kp + j, mask=row_ok, other=0.0).to(ACC)
+            match = (my_parent[None, :] == p_id[:, None]) & (p_val[:, None] != 0)
+            s += tl.where(match, edge[None, :] * p_val[:, None], 0.0)
+            slot = tl.where(match, j, slot)
+    live = feat_ok & (tl.load(live_ptr + feats, mask=feat_ok, other=0) != 0)
+    s = tl.where(live[None, :] & row_ok[:, None], s, float("-inf"))
+    return s, slot
+
+
 @triton.jit
 def _dense_topk_kernel(
     xc_ptr, w_ptr, b_ptr, live_ptr,            # xc (N, d); W_enc (F, d); b_enc (F,); path_mask (F,) int8
     edge_ptr, parent_ptr, pidx_ptr, pval_ptr,  # edge_weight (F,), parent (F,); parent codes (N, kp): HAS_PARENT only
     out_score_ptr, out_id_ptr, out_slot_ptr,   # partial winners (N, n_chunks, KMAX)
     N, d, kp, level_offset, level_size, chunk_size, n_chunks,
-    KMAX: tl.constexpr, KPAD: tl.constexpr,
+    KMAX: tl.constexpr, KPAD: tl.constexpr, SLOT_BITS: tl.constexpr,
     HAS_PARENT: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    PACKED: tl.constexpr = ACC == tl.float32
     pid_n = tl.program_id(0)
     chunk = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     tile_cols = tl.arange(0, BLOCK_F)
     best_cols = tl.arange(0, KPAD)
-    # Running winners of each row. Pad columns (>= KMAX) hold +inf so they are never the worst.
-    best = tl.where(best_cols[None, :] < KMAX, float("-inf"), float("inf")) + tl.zeros((BLOCK_N, KPAD), ACC)
-    best_id = tl.zeros((BLOCK_N, KPAD), tl.int32) + level_offset
-    best_slot = tl.zeros((BLOCK_N, KPAD), tl.int32) - 1
+    # Running winners of each row. Empty slots sit below every live score (packed: distinct keys
+    # just above _DEAD_KEY); pad columns (>= KMAX) sit above everything, so they are never the worst.
+    if PACKED:
+        best = tl.where(best_cols[None, :] < KMAX, _DEAD_KEY + 1 + best_cols[None, :].to(tl.int64),
+                        0x7FFFFFFFFFFFFFFF) + tl.zeros((BLOCK_N, KPAD), tl.int64)
+    else:
+        best = tl.where(best_cols[None, :] < KMAX, float("-inf"), float("inf")) + tl.zeros((BLOCK_N, KPAD), ACC)
+        best_id = tl.zeros((BLOCK_N, KPAD), tl.int32) + level_offset
+        best_slot = tl.zeros((BLOCK_N, KPAD), tl.int32) - 1
 
     chunk_lo = chunk * chunk_size
     chunk_hi = tl.minimum(chunk_lo + chunk_size, level_size)
     for f0 in range(chunk_lo, chunk_hi, BLOCK_F):
-        feats = level_offset + f0 + tile_cols
-        feat_ok = f0 + tile_cols < chunk_hi
-        acc = tl.zeros((BLOCK_N, BLOCK_F), ACC)
-        for k0 in range(0, d, BLOCK_D):
-            ks = k0 + tl.arange(0, BLOCK_D)
-            k_ok = ks < d
-            x = tl.load(xc_ptr + rows[:, None] * d + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + feats[None, :] * d + ks[:, None], mask=feat_ok[None, :] & k_ok[:, None], other=0.0)
-            acc = tl.dot(x.to(DOT), w.to(DOT), acc, input_precision=PRECISION, out_dtype=ACC)
-        s = acc + tl.load(b_ptr + feats, mask=feat_ok, other=0.0).to(ACC)[None, :]
-        slot = tl.zeros((BLOCK_N, BLOCK_F), tl.int32) - 1
-        if HAS_PARENT:
-            # Edge term: a child's score gets edge_weight * its parent's activation, where active.
-            my_parent = tl.load(parent_ptr + feats, mask=feat_ok, other=-1)
-            edge = tl.load(edge_ptr + feats, mask=feat_ok, other=0.0).to(ACC)
-            for j in range(0, kp):
-                p_id = tl.load(pidx_ptr + rows * kp + j, mask=row_ok, other=-1)
-                p_val = tl.load(pval_ptr + rows * kp + j, mask=row_ok, other=0.0).to(ACC)
-                match = (my_parent[None, :] == p_id[:, None]) & (p_val[:, None] != 0)
-                s += tl.where(match, edge[None, :] * p_val[:, None], 0.0)
-                slot = tl.where(match, j, slot)
-        live = feat_ok & (tl.load(live_ptr + feats, mask=feat_ok, other=0) != 0)
-        s = tl.where(live[None, :] & row_ok[:, None], s, float("-inf"))
-
+        s, slot = _score_tile(xc_ptr, w_ptr, b_ptr, live_ptr, edge_ptr, parent_ptr, pidx_ptr, pval_ptr,
+                              rows, row_ok, f0, chunk_hi, d, kp, level_offset,
+                              HAS_PARENT, ACC, DOT, PRECISION, BLOCK_N, BLOCK_F, BLOCK_D)
         # Fold the tile into the running winners: move each row's tile maximum in while it beats
-        # the row's worst winner (rows that do not improve are left unchanged).
-        top = tl.max(s, axis=1)
-        improving = top > tl.min(best, axis=1)
-        while tl.sum(improving.to(tl.int32)) > 0:
-            top_col = tl.argmax(s, axis=1)
-            at_top = tile_cols[None, :] == top_col[:, None]
-            worst_col = tl.argmin(best, axis=1)
-            put = (best_cols[None, :] == worst_col[:, None]) & improving[:, None]
-            best = tl.where(put, top[:, None], best)
-            best_id = tl.where(put, (level_offset + f0 + top_col)[:, None], best_id)
-            if HAS_PARENT:
-                top_slot = tl.sum(tl.where(at_top, slot, 0), axis=1)
-                best_slot = tl.where(put, top_slot[:, None], best_slot)
-            s = tl.where(at_top, float("-inf"), s)
+        # the row's worst winner (a row's maximum that does not improve it never will: dropped).
+        if PACKED:
+            low = ((f0 + tile_cols)[None, :] << SLOT_BITS) + (slot + 1)  # local id and parent slot + 1
+            keys = (_key_of_score(s).to(tl.int64) << 32) | low.to(tl.int64)
+            keys = tl.where(s == float("-inf"), _DEAD_KEY, keys)
+            top = tl.max(keys, axis=1)
+            worst = tl.min(best, axis=1)
+            while tl.max((top > worst).to(tl.int32), axis=0) > 0:
+                best = tl.where((best == worst[:, None]) & (top > worst)[:, None], top[:, None], best)
+                keys = tl.where(keys == top[:, None], _DEAD_KEY, keys)
+                top = tl.max(keys, axis=1)
+                worst = tl.min(best, axis=1)
+        else:
             top = tl.max(s, axis=1)
             improving = top > tl.min(best, axis=1)
+            while tl.max(improving.to(tl.int32), axis=0) > 0:
+                top_col = tl.argmax(s, axis=1)
+                at_top = tile_cols[None, :] == top_col[:, None]
+                put = (best_cols[None, :] == tl.argmin(best, axis=1)[:, None]) & improving[:, None]
+                best = tl.where(put, top[:, None], best)
+                best_id = tl.where(put, (level_offset + f0 + top_col)[:, None], best_id)
+                if HAS_PARENT:
+                    best_slot = tl.where(put, tl.sum(tl.where(at_top, slot, 0), axis=1)[:, None], best_slot)
+                s = tl.where(at_top, float("-inf"), s)
+                top = tl.max(s, axis=1)
+                improving = top > tl.min(best, axis=1)
 
+    if PACKED:
+        high = (best >> 32).to(tl.int32)
+        low = (best & _LOW_MASK).to(tl.int32)
+        empty = best <= _DEAD_KEY + KPAD
+        best_score = tl.where(empty, float("-inf"), _score_of_key(high))
+        best_id = tl.where(empty, level_offset, level_offset + (low >> SLOT_BITS))
+        best_slot = tl.where(empty, -1, (low & ((1 << SLOT_BITS) - 1)) - 1)
+    else:
+        best_score = best
     out = (rows[:, None] * n_chunks + chunk) * KMAX + best_cols[None, :]
     out_ok = row_ok[:, None] & (best_cols[None, :] < KMAX)
-    tl.store(out_score_ptr + out, best, mask=out_ok)
+    tl.store(out_score_ptr + out, best_score, mask=out_ok)
     tl.store(out_id_ptr + out, best_id, mask=out_ok)
     tl.store(out_slot_ptr + out, best_slot, mask=out_ok)
 
 
 def _gpu_configs():
-    configs = []
-    for block_n, block_f, warps in ((64, 128, 4), (128, 128, 8), (128, 64, 4), (64, 64, 4)):
-        for stages in (3, 4):
-            configs.append(triton.Config({"BLOCK_N": block_n, "BLOCK_F": block_f, "BLOCK_D": 64},
-                                         num_warps=warps, num_stages=stages))
-    return configs
+    """Hopper candidates: BLOCK_D 32 keeps the gathered operand tiles and the running winners in
+    registers (sm_90 compiles of BLOCK_D 64 spill; `bench/gpu_run.sh --compile-check` shows it)."""
+    shapes = ((64, 128, 32, 8), (64, 64, 32, 4), (128, 128, 32, 8), (64, 128, 64, 8), (32, 128, 32, 4))
+    return [triton.Config({"BLOCK_N": n, "BLOCK_F": f, "BLOCK_D": dk}, num_warps=warps, num_stages=stages)
+            for n, f, dk, warps in shapes for stages in (3, 4)]
 
 
 # The interpreter runs one program at a time in numpy: few, large blocks are fastest there. On a
 # GPU, small problems (tests, tiny levels) skip autotuning: compiling every config costs seconds.
 _FIXED_BLOCKS = ({"BLOCK_N": 32, "BLOCK_F": 32, "BLOCK_D": 16} if INTERPRETED
-                 else {"BLOCK_N": 64, "BLOCK_F": 64, "BLOCK_D": 32, "num_warps": 4, "num_stages": 2})
+                 else {"BLOCK_N": 64, "BLOCK_F": 64, "BLOCK_D": 32, "num_warps": 4, "num_stages": 3})
 _AUTOTUNE_MIN_WORK = 1 << 24  # N * level_size above which the autotuned kernel runs
 _dense_topk_tuned = None if INTERPRETED else triton.autotune(
     configs=_gpu_configs(), key=["d", "KMAX", "HAS_PARENT"])(_dense_topk_kernel)
@@ -133,6 +189,11 @@ def encode_dense(xc, W_enc, b_enc, path_mask, level_offset: int, level_size: int
     device = xc.device
     has_parent = parent_idx is not None
     acc_torch = torch.float64 if xc.dtype == torch.float64 else torch.float32
+    # Packed keys hold (local id << SLOT_BITS) + parent slot + 1 in 31 bits.
+    slot_bits = (parent_idx.shape[1] + 1).bit_length() if has_parent else 0
+    if (level_size << slot_bits) >= 2**31:
+        raise ValueError(f"triton dense encode: level_size={level_size} with {slot_bits} parent-slot bits "
+                         f"does not fit a 31-bit key; use the torch backend for levels this large")
     n_chunks = _num_chunks(N, level_size, device)
     chunk_size = triton.cdiv(level_size, n_chunks)
     part_scores = torch.empty((N, n_chunks, kmax), dtype=acc_torch, device=device)
@@ -153,7 +214,7 @@ def encode_dense(xc, W_enc, b_enc, path_mask, level_offset: int, level_size: int
             xc, W_enc, b_enc, live, edge_arg, parent_arg, pidx_arg, pval_arg,
             part_scores, part_ids, part_slots,
             N, d, kp, level_offset, level_size, chunk_size, n_chunks,
-            KMAX=kmax, KPAD=triton.next_power_of_2(kmax), HAS_PARENT=has_parent,
+            KMAX=kmax, KPAD=triton.next_power_of_2(kmax), SLOT_BITS=slot_bits, HAS_PARENT=has_parent,
             ACC=acc_dtype(xc.dtype), DOT=dot_operand_dtype(xc.dtype), PRECISION=dot_precision(xc.dtype),
             **blocks,
         )
