@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from hsae_fast import HSAEConfig
+from hsae_fast import HSAEConfig, HSAELayer
 from hsae_fast.cli import main as hsae_main
 from hsae_fast.eval import CodeStats, evaluate_run, health_verdict
 from hsae_fast.eval.lm_scores import ModelPreservation
@@ -197,8 +197,6 @@ def test_eval_of_an_lm_run_writes_metrics_and_contexts(lm_model_run):
 
 
 def test_a_broken_model_fails_eval(lm_model_run, tmp_path, capsys):
-    from hsae_fast import HSAELayer
-
     for name, breakage, reason in (
         ("silent", lambda layer: layer.b_enc.fill_(-1e4), "no feature ever fires"),
         ("exploding", lambda layer: layer.W_dec.mul_(60), "explained_variance="),
@@ -227,3 +225,17 @@ def test_eval_of_an_activation_file_run_reports_the_non_lm_subset(tmp_path):
     assert metrics["n_tokens"] == 1500 and metrics["kind"] == "activations"
     assert not any(k.startswith(("ce_", "kl_")) for k in metrics) and "specificity" not in metrics
     assert metrics["healthy"] and 0 < metrics["explained_variance"] < 1 and metrics["hcs"] == 1.0
+
+
+def test_a_run_trained_on_an_lm_cache_folder_is_an_lm_run(tmp_path):
+    from hsae_fast.eval import load_run
+    from run_dirs import write_run
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "meta.json").write_text(json.dumps({"model": "some/model", "layer": 4, "corpus": "shakespeare", "context": 128}))
+    layer = HSAELayer(HSAEConfig(d_model=8, level_sizes=(8, 2), k=(2, 1)))
+    run = load_run(write_run(tmp_path / "run", layer, {"data": str(cache)}))
+    assert run.is_lm and run.lm == {"model": "some/model", "layer": 4, "corpus": "shakespeare", "context": 128}
+    plain = load_run(write_run(tmp_path / "plain", layer, {"data": "synthetic"}))
+    assert not plain.is_lm

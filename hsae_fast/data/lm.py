@@ -270,6 +270,16 @@ def token_rows(tokenizer, documents: Sequence[tuple[str, str]], context: int, ma
     return rows
 
 
+def sample_rows(rows: torch.Tensor, tokens: Optional[int], seed: int = 0) -> torch.Tensor:
+    """The rows in a seeded random order, cut to ceil(tokens / context) (None: all). Rows are
+    independent (each opens with BOS), so a capped cache or eval set draws from every document,
+    and every shard mixes documents (readers shuffle within a shard, not across the cache)."""
+    order = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))
+    if tokens is not None:
+        order = order[: max(1, -(-tokens // rows.shape[1]))]
+    return rows[order]
+
+
 def special_mask(rows: torch.Tensor, special_ids: torch.Tensor) -> torch.Tensor:
     return torch.isin(rows, special_ids)
 
@@ -302,7 +312,8 @@ def cache_activations(
     progress: bool = True,
 ) -> Path:
     """Run the model up to `layer` over the corpus split and write the cache folder (see the module
-    docstring); returns it. A complete cache of at least `tokens` positions is reused as it is.
+    docstring); returns it. `tokens` caps the token positions (rows x context, None: the whole
+    split); a complete cache holding at least that many, or the whole split, is reused as it is.
     `model`/`tokenizer` may be passed in (tests, or to reuse a loaded model)."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -311,15 +322,12 @@ def cache_activations(
 
     out_dir = Path(out_dir) if out_dir is not None else cache_root() / "activations" / cache_key(model_name, layer, corpus, split, context)
     meta = read_meta(out_dir)
-    if meta is not None and (tokens is None and meta["complete_corpus"] or tokens is not None and meta["positions"] >= tokens):
+    if meta is not None and (meta["complete_corpus"] or tokens is not None and meta["rows"] * meta["context"] >= tokens):
         return out_dir
     if model is None:
         model, tokenizer = load_model(model_name, device)
     documents = corpus_documents(corpus, split)
-    rows = token_rows(tokenizer, documents, context, tokens)
-    # Rows are independent (each opens with BOS): shuffle them so every shard mixes documents,
-    # since readers shuffle within a shard, not across the whole cache.
-    rows = rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))]
+    rows = sample_rows(token_rows(tokenizer, documents, context), tokens)
     special = special_mask(rows, special_token_ids(tokenizer))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "tokens").mkdir(exist_ok=True)
@@ -351,7 +359,8 @@ def cache_activations(
         "d_model": int(activations.shape[1]), "rows": int(rows.shape[0]), "positions": positions,
         "special_positions": int(special.sum()), "shards": n_shards,
         "documents": [name for name, _ in documents],
-        "complete_corpus": tokens is None, "dtype": "float32",
+        "complete_corpus": tokens is None or rows.numel() < tokens, "dtype": "float32",
+        "rows_sampled_with_seed": 0,
     }
     atomic_write_bytes(out_dir / "meta.json", json.dumps(meta, indent=2).encode())
     return out_dir
@@ -389,3 +398,29 @@ def tiny_random_gpt2(n_layer: int = 2, d_model: int = 32, seed: int = 0, init_st
     config = GPT2Config(n_layer=n_layer, n_embd=d_model, n_head=2, n_positions=512, vocab_size=len(tokenizer),
                         initializer_range=init_std)
     return GPT2LMHeadModel(config).eval(), tokenizer
+
+
+def main(argv=None) -> int:
+    """`python -m hsae_fast.data.lm --model smollm2-135m --layer 9 --tokens 200000`: cache
+    activations once and print the folder (give it to `hsae train --data FOLDER`)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m hsae_fast.data.lm", description=main.__doc__)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="embedded name, hub id or local folder")
+    parser.add_argument("--layer", type=int, default=DEFAULT_LAYER, help="hidden_states index to cache")
+    parser.add_argument("--corpus", default="shakespeare", help="'shakespeare', a .txt file or a folder of .txt files")
+    parser.add_argument("--split", default="train", choices=("train", "eval"))
+    parser.add_argument("--context", type=int, default=DEFAULT_CONTEXT, help="tokens per row")
+    parser.add_argument("--tokens", type=int, default=None, help="token positions to cache (default: the whole split)")
+    parser.add_argument("--batch-rows", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=None, help="cache folder (default: under $HSAE_FAST_CACHE)")
+    args = parser.parse_args(argv)
+    folder = cache_activations(args.model, args.layer, out_dir=args.out, corpus=args.corpus, split=args.split,
+                               context=args.context, tokens=args.tokens, batch_rows=args.batch_rows, device=args.device)
+    print(folder)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -120,7 +120,7 @@ def evaluate_run(
     metrics.update(stats.hierarchy())
     if preservation is not None:
         metrics.update(preservation.results())
-        metrics.update({"model": run.trainer.get("model"), "layer": data.hooked_layer})
+        metrics.update({"model": run.lm["model"], "layer": data.hooked_layer})
         metrics["specificity"] = stats.specificity()
         metrics["top_contexts_file"] = str(write_top_contexts(run, data, stats, features_per_level))
     metrics["healthy"], metrics["health_reasons"] = health_verdict(metrics)
@@ -145,7 +145,7 @@ def write_top_contexts(run: Run, data: EvalData, stats: CodeStats, features_per_
     cfg = run.layer.cfg
     density = stats.density()
     lines = [f"# Top-activating contexts: {run.directory.name}", "",
-             f"model `{run.trainer.get('model')}`, layer {data.hooked_layer}, {stats.n} held-out tokens. "
+             f"model `{run.lm['model']}`, layer {data.hooked_layer}, {stats.n} held-out tokens. "
              "Per level, the most frequent features; **bold** is the token the feature fires on.", ""]
     spec = stats.specificity()
     for l in reversed(range(cfg.num_levels)):

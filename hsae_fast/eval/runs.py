@@ -1,9 +1,10 @@
 """A run directory (SPEC 9) and the evaluation data it is judged on, shared by eval, analyze and plot.
 
 Evaluation data, batch by batch (`EvalBatch`):
-- LM runs (`trainer.model` set): held-out text of the run's corpus (whole plays for Shakespeare),
-  cut into rows as for training; each batch carries the rows, their special-token mask and the
-  hooked activations, so the CE/KL splice can run on the very same rows and positions.
+- LM runs (`trainer.model` set, or `trainer.data` an activation cache of `hsae_fast.data.lm`):
+  held-out text of the run's corpus (whole plays for Shakespeare), cut into rows as for training;
+  each batch carries the rows, their special-token mask and the hooked activations, so the CE/KL
+  splice can run on the very same rows and positions.
 - Other runs (synthetic, .npy, shard folders): the training source reopened as the trainer opens
   it, `sample(tokens, EVAL_SEED)`, a seed no training default uses.
 """
@@ -30,8 +31,23 @@ class Run:
     layer: HSAELayer
 
     @property
+    def lm(self) -> Optional[dict]:
+        """{model, layer, corpus, context} of an LM run, else None. An LM run names its model in the
+        trainer config, or trains on an activation cache folder whose meta.json names it."""
+        if self.trainer.get("model"):
+            return {"model": self.trainer["model"], "layer": self.trainer.get("layer"),
+                    "corpus": self.trainer.get("corpus"), "context": self.trainer.get("context")}
+        data = self.trainer.get("data")
+        meta_path = Path(data) / "meta.json" if data else None
+        if meta_path is not None and meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            if meta.get("model"):
+                return {key: meta.get(key) for key in ("model", "layer", "corpus", "context")}
+        return None
+
+    @property
     def is_lm(self) -> bool:
-        return bool(self.trainer.get("model"))
+        return self.lm is not None
 
     def metrics_log(self) -> list[dict]:
         """The training log (metrics.jsonl): one dict per logged step; [] when absent."""
@@ -109,17 +125,17 @@ class EvalData:
     def hooked_layer(self) -> int:
         from ..data.lm import DEFAULT_LAYER
 
-        layer = self.run.trainer.get("layer")
+        layer = self.run.lm.get("layer")
         return DEFAULT_LAYER if layer is None else int(layer)
 
     def _open_lm(self) -> None:
         from ..data import lm
 
         if self.model is None:
-            self.model, self.tokenizer = lm.load_model(self.run.trainer["model"], self.device)
-        corpus = self.corpus or self.run.trainer.get("corpus") or "shakespeare"
-        context = int(self.context or self.run.trainer.get("context") or lm.DEFAULT_CONTEXT)
-        self.rows = lm.token_rows(self.tokenizer, lm.corpus_documents(corpus, "eval"), context, self.tokens)
+            self.model, self.tokenizer = lm.load_model(self.run.lm["model"], self.device)
+        corpus = self.corpus or self.run.lm.get("corpus") or "shakespeare"
+        context = int(self.context or self.run.lm.get("context") or lm.DEFAULT_CONTEXT)
+        self.rows = lm.sample_rows(lm.token_rows(self.tokenizer, lm.corpus_documents(corpus, "eval"), context), self.tokens)
         self.special = lm.special_mask(self.rows, lm.special_token_ids(self.tokenizer))
 
     def _open_source(self):
