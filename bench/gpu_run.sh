@@ -5,6 +5,8 @@
 #   bench/gpu_run.sh                  on the device: run(command="bash bench/gpu_run.sh", carry=[".whl"], timeout_s=560)
 #   bench/gpu_run.sh --dry-run        anywhere, no GPU: syntax, imports, test collection, and the
 #                                     standalone timing at tiny shapes under the Triton interpreter
+#   bench/gpu_run.sh --compile-check  anywhere, no GPU: compile the kernels for sm_90 with Triton's
+#                                     bundled ptxas and print registers and spills per config
 #
 # Steps are time-boxed so the whole run ends inside one 10-minute call (device time is 15 min a
 # session, start included); a failing step is logged and the next one still runs.
@@ -15,9 +17,68 @@ cd "$(dirname "$0")/.."
 
 MODE=${1:-run}
 case "$MODE" in
-  run|--dry-run|--fetch-wheels) ;;
-  *) echo "usage: bench/gpu_run.sh [--dry-run|--fetch-wheels]" >&2; exit 2 ;;
+  run|--dry-run|--fetch-wheels|--compile-check) ;;
+  *) echo "usage: bench/gpu_run.sh [--dry-run|--fetch-wheels|--compile-check]" >&2; exit 2 ;;
 esac
+
+if [[ "$MODE" == "--compile-check" ]]; then
+  # Register pressure is the first thing to get right on Hopper (255 registers a thread, then
+  # spills to local memory); this needs no GPU, so configs can be pruned before a lease.
+  TRITON_INTERPRET=0 exec "${PYTHON:-.venv/bin/python}" - <<'PY'
+import os
+import subprocess
+import tempfile
+import warnings
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import kernels.decode as decode
+import kernels.encode_dense as dense
+import kernels.encode_routed as routed
+
+warnings.filterwarnings("ignore")
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+POINTERS = {"xc_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "edge_ptr": "*bf16", "gain_ptr": "*bf16",
+            "bias_ptr": "*bf16", "live_ptr": "*i8", "parent_ptr": "*i64", "pidx_ptr": "*i64", "idx_ptr": "*i64",
+            "order_ptr": "*i64", "pair_order_ptr": "*i64", "pair_ptr_ptr": "*i64", "block_ptr_ptr": "*i64",
+            "block_parent_ptr": "*i64", "child_ptr_ptr": "*i64", "child_ids_ptr": "*i64", "feat_ptr_ptr": "*i64",
+            "out_id_ptr": "*i32", "out_slot_ptr": "*i32", "cand_id_ptr": "*i32", "slot_level_ptr": "*i32",
+            "level_stop_ptr": "*i32"}
+
+
+def check(kernel, constants, warps, stages):
+    signature = {name: "constexpr" if name in constants else POINTERS.get(name, "*fp32") if name.endswith("_ptr")
+                 else "i32" for name in kernel.arg_names}
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps, "num_stages": stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", cubin.name], capture_output=True, text=True).stdout
+    regs = next((line.split()[0:2] for line in usage.splitlines() if "REG:" in line), ["?"])
+    shown = {k: v for k, v in constants.items() if k.startswith("BLOCK") or k in ("KMAX",)}
+    print(f"{kernel.fn.__name__:32s} {shown} warps={warps} stages={stages}: {' '.join(regs)}")
+
+
+bf16 = dict(ACC=tl.float32, DOT=tl.bfloat16, PRECISION="tf32")
+for config in dense._gpu_configs():
+    for kmax in (64, 256):
+        check(dense._dense_topk_kernel, dict(KMAX=kmax, KPAD=kmax, SLOT_BITS=0, HAS_PARENT=False, **bf16, **config.kwargs),
+              config.num_warps, config.num_stages)
+blocks = dict(routed._GPU_BLOCKS)
+warps, stages = blocks.pop("num_warps"), blocks.pop("num_stages")
+check(routed._routed_scores_kernel, dict(**bf16, **blocks, BLOCK_C=64), warps, stages)
+check(decode._gather_sum_kernel, dict(HAS_BIAS=True, PREFIXES=True, ACC=tl.float32, BLOCK_K=decode._BLOCK_K,
+                                      BLOCK_D=decode._BLOCK_D), 4, 2)
+check(decode._scatter_rows_atomic_kernel, dict(NUM_SUMS=2, ACC=tl.float32, BLOCK_K=decode._BLOCK_K,
+                                               BLOCK_D=decode._BLOCK_D), 4, 2)
+check(decode._scatter_rows_sorted_kernel, dict(NUM_SUMS=2, SUMS_PAD=2, ACC=tl.float32, BLOCK_E=decode._BLOCK_E,
+                                               BLOCK_D=decode._BLOCK_D), 4, 2)
+PY
+fi
 
 if [[ "$MODE" == "--fetch-wheels" ]]; then
   # The device's python3 is CPython 3.12 with torch, triton, transformers already (KINDS.md); only
