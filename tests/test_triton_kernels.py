@@ -278,14 +278,17 @@ def test_compiled_training_step_has_no_graph_break():
 
 
 # ------------------------------------------------------------------------------- CUDA: the full product
-class CudaMirror(torch.nn.Module):
-    """A CPU layer whose forward runs on CUDA: the shared helper keeps comparing CPU tensors and
-    autograd carries every gradient back to the CPU parameters."""
+# tests/test_backends.py runs the triton backend on CPU tensors (interpreter); on a GPU this runs
+# every case, dtype and selection, in both scatter modes, on CUDA tensors.
+class DeviceMirror(torch.nn.Module):
+    """A CPU layer whose forward runs on `device`: the shared helper keeps comparing CPU tensors
+    and autograd carries every gradient back to the CPU parameters."""
 
-    def __init__(self, layer: HSAELayer):
+    def __init__(self, layer: HSAELayer, device: str):
         super().__init__()
         self.layer = layer
-        object.__setattr__(self, "_on_cuda", copy.deepcopy(layer).to("cuda"))  # tensors replaced per call
+        self.device = torch.device(device)
+        object.__setattr__(self, "_twin", copy.deepcopy(layer).to(device))  # its tensors are replaced per call
 
     def __getattr__(self, name):
         try:
@@ -294,12 +297,22 @@ class CudaMirror(torch.nn.Module):
             return getattr(self._modules["layer"], name)
 
     def forward(self, x, selection=None, return_prefixes=False):
-        tensors = {n: t.to("cuda") for n, t in itertools.chain(self.layer.named_parameters(), self.layer.named_buffers())}
-        out = torch.func.functional_call(self._on_cuda, tensors, (x.to("cuda"),),
+        named = itertools.chain(self.layer.named_parameters(), self.layer.named_buffers())
+        tensors = {n: t.to(self.device) for n, t in named}
+        out = torch.func.functional_call(self._twin, tensors, (x.to(self.device),),
                                          {"selection": selection, "return_prefixes": return_prefixes})
         levels = [LevelCodes(c.idx.cpu(), c.vals.cpu(), c.scores.cpu()) for c in out.levels]
         return HSAEOutput(out.x_hat.cpu(), [(i.cpu(), v.cpu()) for i, v in out.codes], levels,
                           out.prefixes.cpu() if out.prefixes is not None else None)
+
+
+def test_device_mirror_passes_gradients_through():
+    """The CUDA test's wrapper, run on the interpreter's device: a broken mirror would let it pass vacuously."""
+    cfg, N = make_config("three_level", "batch")
+    layer = DeviceMirror(random_layer(cfg, "triton", torch.float32, 5), DEVICE)
+    x = torch.randn(N, cfg.d_model, generator=torch.Generator().manual_seed(6))
+    run = assert_close_to_reference(layer, x, "batch", prefixes=True, seed=5)
+    assert run.grads["W_enc"].abs().sum() > 0 and run.grads["x"].abs().sum() > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -311,7 +324,7 @@ def test_cuda_backend_matches_reference(selection, case, dtype, deterministic, m
     monkeypatch.setattr(kernels, "DETERMINISTIC", deterministic)
     cfg, N = make_config(case, selection)
     seed = case_seed("triton-cuda", dtype, case, selection)
-    layer = CudaMirror(random_layer(cfg, "triton", dtype, seed))
+    layer = DeviceMirror(random_layer(cfg, "triton", dtype, seed), "cuda")
     x = torch.randn(N, cfg.d_model, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     assert_close_to_reference(layer, x, selection, prefixes=case in ("three_level", "four_level", "flat"), seed=seed)
 
