@@ -153,7 +153,9 @@ def _dense_topk_kernel(
 def _gpu_configs():
     """Hopper candidates: BLOCK_D 32 keeps the gathered operand tiles and the running winners in
     registers (sm_90 compiles of BLOCK_D 64 spill; `bench/gpu_run.sh --compile-check` shows it)."""
-    shapes = ((64, 128, 32, 8), (64, 64, 32, 4), (128, 128, 32, 8), (64, 128, 64, 8), (32, 128, 32, 4))
+    shapes = ((64, 128, 32, 8), (64, 64, 32, 4), (32, 128, 32, 4),  # spill-free at KMAX 64
+              (32, 128, 32, 8), (64, 64, 32, 8),  # spill-free at KMAX 256 (batch selection, cap 4 x k 64)
+              (128, 128, 32, 8), (64, 128, 64, 8))  # small spills, better tensor-core tiles
     return [triton.Config({"BLOCK_N": n, "BLOCK_F": f, "BLOCK_D": dk}, num_warps=warps, num_stages=stages)
             for n, f, dk, warps in shapes for stages in (3, 4)]
 
