@@ -4,12 +4,16 @@ Under hard gating a child fires only with its parent, so the part of a parent's 
 child carries can sit in the child's decoder row or in the parent's activation at equal loss;
 training puts it in the parent (whose activation then runs several times the true one). This
 step moves, for each parent p, the part of its activation that its descendants' activations
-predict (least squares over a data sample, a_p ~ sum_c w_c a_c) into the descendants' rows:
+predict (least squares with an intercept over a data sample, a_p ~ b_p + sum_c w_c a_c) into the descendants' rows:
 
     W_c' = W_c + w_c * (gain_p / gain_c) * W_p,   a_p' = a_p - sum_c w_c a_c
 
 so  gain_p a_p W_p + sum_c gain_c a_c W_c = gain_p a_p' W_p + sum_c gain_c a_c W_c'  exactly:
-the refined rows with the refined parent activations give the same x_hat. The layer itself is
+the refined rows with the refined parent activations give the same x_hat. Parents are taken
+level by level upward, and a higher parent regresses on its descendants' already refined
+activations, so the identity holds over the whole tree. It needs hard gating (a descendant
+fires only with its parent, so a_p' is nonzero only where a_p is); other models are returned
+unchanged. The layer itself is
 not changed (its encoder computes a_p, not a_p'); the refined rows are returned for analysis
 and scoring, and the trainer saves them beside the model as `refined_decoder.safetensors`.
 """
@@ -67,31 +71,33 @@ def refine_decoder(layer, batches: Iterable[torch.Tensor], ridge: float = 1e-6) 
     `ridge` (relative to the Gram matrix's mean diagonal) keeps rarely co-firing sets solvable.
     Works on the sparse codes: each parent's system is (tokens where it fires) x (its descendants)."""
     W = layer.W_dec.detach().double().cpu().clone()
-    if layer.cfg.num_levels == 1:
+    if layer.cfg.num_levels == 1 or layer.cfg.gating != "hard":
         return {"W_dec": W.to(layer.W_dec.dtype), "coef": {}}
     col_ptr, tokens, values = _columns(collect_codes(layer, batches))
     parent = layer.parent.cpu()
     mask = layer.path_mask.cpu()
     levels = level_of(layer.cfg.level_sizes)
     gain = layer.level_gain.detach().double().cpu()[levels]
-    W_orig = W.clone()
     coef = {}
+    # Global ids ascend with the level, so this visits every level's parents before the next's.
     for p in torch.nonzero((levels > 0) & mask).squeeze(1).tolist():
         desc = descendants(parent, p)
         desc = desc[mask[desc]]
         p_tokens = tokens[col_ptr[p]: col_ptr[p + 1]]
         if desc.numel() == 0 or p_tokens.numel() == 0:
             continue
-        y = values[col_ptr[p]: col_ptr[p + 1]]
+        y = values[col_ptr[p]: col_ptr[p + 1]].clone()
         A = torch.zeros(p_tokens.numel(), desc.numel(), dtype=torch.float64)
         for j, c in enumerate(desc.tolist()):
             c_tokens = tokens[col_ptr[c]: col_ptr[c + 1]]
             row = torch.searchsorted(p_tokens, c_tokens).clamp(max=p_tokens.numel() - 1)
-            inside = p_tokens[row] == c_tokens  # without gating a descendant may fire alone
-            A[row[inside], j] = values[col_ptr[c]: col_ptr[c + 1]][inside]
-        gram = A.T @ A
-        gram += ridge * max(float(gram.diagonal().mean()), 1e-12) * torch.eye(len(desc), dtype=gram.dtype)
-        w = torch.linalg.solve(gram, A.T @ y)
-        W[desc] += (w * gain[p] / gain[desc])[:, None] * W_orig[p]
+            A[row, j] = values[col_ptr[c]: col_ptr[c + 1]]  # hard gating: c fires only where p does
+        # With an intercept: the parent's own activation (its constant part) stays with the parent.
+        design = torch.cat([A, torch.ones(A.shape[0], 1, dtype=A.dtype)], dim=1)
+        gram = design.T @ design
+        gram += ridge * max(float(gram.diagonal().mean()), 1e-12) * torch.eye(gram.shape[0], dtype=gram.dtype)
+        w = torch.linalg.solve(gram, design.T @ y)[:-1]
+        W[desc] += (w * gain[p] / gain[desc])[:, None] * W[p]  # W[p] is unchanged until its own parent's turn
+        values[col_ptr[p]: col_ptr[p + 1]] = y - A @ w  # a_p', what the parents above regress on
         coef[p] = (desc, w)
     return {"W_dec": W.to(layer.W_dec.dtype), "coef": coef}
