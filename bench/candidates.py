@@ -57,7 +57,18 @@ class Implementation:
         raise NotImplementedError
 
     def make_optimizer(self) -> None:
-        self.optimizer = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=LEARNING_RATE)
+        trained = [p for p in self.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trained, lr=LEARNING_RATE)
+        # Allocate the moments now with a step at lr 0 (it moves nothing): the first timed or
+        # measured step is then a steady-state step, not one that also creates the optimizer state.
+        for p in trained:
+            p.grad = torch.zeros_like(p)
+        for group in self.optimizer.param_groups:
+            group["lr"] = 0.0
+        self.optimizer.step()
+        for group in self.optimizer.param_groups:
+            group["lr"] = LEARNING_RATE
+        self.zero_grad()
 
     def zero_grad(self) -> None:
         for p in self.parameters():
@@ -281,12 +292,19 @@ def backend_skip_reason(name: str, device: torch.device) -> Optional[str]:
     return None
 
 
-def implementation_plan(spec: ModelSpec, device: torch.device, reference: bool) -> list[tuple[str, Optional[str]]]:
+def implementation_plan(spec: ModelSpec, device: torch.device, reference: bool,
+                        peers: tuple = PEERS) -> list[tuple[str, Optional[str]]]:
     """[(implementation name, None or why it is skipped)] for one model on this device, in table order."""
     plan = [("reference", None if reference else "dense reference left out of this case (too slow at this size)")]
     plan += [(name, backend_skip_reason(name, device)) for name in available_backends()]
     for peer in PEERS:
-        plan.append((peer, "peers implement flat TopK only" if not spec.flat else peer_missing(peer)))
+        if not spec.flat:
+            reason = "peers implement flat TopK only"
+        elif peer not in peers:
+            reason = "left out of this case (a dense N x F encode: too slow at these sizes)"
+        else:
+            reason = peer_missing(peer)
+        plan.append((peer, reason))
     return plan
 
 

@@ -17,6 +17,7 @@ import torch
 from hsae_fast.config import HSAEConfig, sizes_from_ratios
 
 OPS = ("encode", "decode", "backward", "step")
+SWEEP_PEERS = ("sparsify",)  # SAELens scores and scatters a dense N x F matrix: too slow to sweep
 SETS = ("cpu", "gpu", "sweep", "all")
 
 
@@ -76,6 +77,7 @@ class Case:
     dtype: torch.dtype
     reference: bool = True
     rounds: Optional[int] = None  # None: the session default
+    peers: tuple = ("sparsify", "saelens")  # which peers join the flat models
     sweep_axis: Optional[str] = None  # "F" or "N" for scaling cases: the report plots against it
 
 
@@ -90,7 +92,8 @@ def _ops_cases(group: str, N: int, d: int, F: int, k_flat: int, k_tree: tuple, d
 def _routed_cases(group: str, N: int, d: int, dtype, prefix: str):
     F, k_tree = 65536, (20, 8, 4)
     models = (flat(F, 32, "batch"), default_tree(F, k_tree), wide_tree(F, k_tree))
-    return [Case(f"{prefix}-routed-F{F}-{op}", group, op, N, d, models, dtype, reference=False, rounds=5)
+    return [Case(f"{prefix}-routed-F{F}-{op}", group, op, N, d, models, dtype, reference=False, rounds=5,
+                 peers=("sparsify",))
             for op in ("encode", "step")]
 
 
@@ -121,15 +124,15 @@ def sweep_cases(device: torch.device) -> list[Case]:
     for F in F_values:
         cases.append(Case(f"sweepF-F{F}", f"Scaling with F: step, N={N}, d={d}, K=32", "step", N, d,
                           (flat(F, 32), default_tree(F, k_tree)), dtype, reference=F <= 16384, rounds=3,
-                          sweep_axis="F"))
+                          sweep_axis="F", peers=SWEEP_PEERS))
     for n in (1, 16, 256, 1024, 4096, 8192):
         cases.append(Case(f"sweepN-N{n}", f"Scaling with N: step, d={d}, F=16384, K=32", "step", n, d,
                           (flat(16384, 32), default_tree(16384, k_tree)), dtype, reference=n <= 1024, rounds=3,
-                          sweep_axis="N"))
+                          sweep_axis="N", peers=SWEEP_PEERS))
     for F in (16384, 65536, 262144) + ((1048576,) if gpu else ()):
         cases.append(Case(f"sweepRouted-F{F}", f"Routed trees with F: step, N={N}, d={d}, k total 32", "step", N, d,
                           (flat(F, 32, "batch"), wide_tree(F, k_tree)), dtype, reference=False, rounds=3,
-                          sweep_axis="F"))
+                          sweep_axis="F", peers=SWEEP_PEERS))
     return cases
 
 

@@ -3,7 +3,7 @@
     pytest bench/                          the device's default set (cpu here, gpu on CUDA)
     pytest bench/ --bench-set sweep        scaling sweeps (long); --bench-set all: everything
     pytest bench/ --bench-rounds 11        more rounds per case
-Results: pytest-benchmark's JSON in --bench-out (default bench/results/<set>-<device>/), rendered there
+Results: pytest-benchmark's JSON in --bench-out (default bench/results/<set>/), rendered there
 into results.md and PNG plots at the end of the session (`python -m bench.report DIR` re-renders).
 """
 from __future__ import annotations
@@ -40,8 +40,8 @@ def pytest_addoption(parser):
     group.addoption("--bench-rounds", type=int, default=None, help="at most this many timed rounds per case (cpu 7, cuda 20)")
     group.addoption("--bench-budget", type=float, default=DEFAULT_BUDGET_S,
                     help="seconds of timed rounds per case: fewer rounds (at least 3) when rounds are slow; 0: no limit")
-    group.addoption("--bench-warmup", type=int, default=None, help="discarded rounds per case (cpu 1, cuda 3)")
-    group.addoption("--bench-out", default=None, help="results folder (default bench/results/<set>-<device>)")
+    group.addoption("--bench-warmup", type=int, default=None, help="untimed rounds per case, the last measuring peak memory (cpu 1, cuda 3; at least 1)")
+    group.addoption("--bench-out", default=None, help="results folder (default bench/results/<set>, or <set>-<device> for sweep and all)")
 
 
 def _device(config) -> torch.device:
@@ -55,7 +55,11 @@ def _set_name(config) -> str:
 
 def _out_dir(config) -> Path:
     out = config.getoption("--bench-out")
-    return Path(out) if out else HERE / "results" / f"{_set_name(config)}-{_device(config).type}"
+    if out:
+        return Path(out)
+    set_name = _set_name(config)
+    # cpu and gpu name their device already; sweeps and `all` run on either
+    return HERE / "results" / (set_name if set_name in ("cpu", "gpu") else f"{set_name}-{_device(config).type}")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -80,8 +84,8 @@ def bench_state(pytestconfig) -> BenchState:
     state = BenchState(
         device=device,
         rounds=pytestconfig.getoption("--bench-rounds") or DEFAULT_ROUNDS[device.type],
-        warmup=pytestconfig.getoption("--bench-warmup") if pytestconfig.getoption("--bench-warmup") is not None
-        else DEFAULT_WARMUP[device.type],
+        # at least one warmup round: its last one measures peak memory
+        warmup=max(1, pytestconfig.getoption("--bench-warmup") or DEFAULT_WARMUP[device.type]),
         budget_s=pytestconfig.getoption("--bench-budget") or None,
     )
     pytestconfig._hsae_bench_state = state
@@ -93,8 +97,6 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     info["bench_set"] = _set_name(config)
     info["bench_device"] = str(_device(config))
     info["memory_method"] = memory_method(_device(config))
-    state = getattr(config, "_hsae_bench_state", None)
-    info["ceilings"] = state.ceilings if state else {}
     machine_info["hsae_bench"] = info
 
 

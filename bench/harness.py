@@ -11,8 +11,8 @@ import torch
 
 from .candidates import build_implementation, check_rows, implementation_plan
 from .cases import Case, ModelSpec, work
-from .timing import (LoadWindow, RoundRobin, Timed, measure_ceilings, memory_method, paired_ratio,
-                     peak_memory_bytes, summarize)
+from .timing import (LoadWindow, RoundRobin, Timed, ceiling_candidates, ceilings_from, memory_method, paired_ratio,
+                     summarize)
 
 FLOOR = "encoder GEMM"  # x @ W_enc.T alone: a flat SAE's unavoidable work, and the target of issue 5
 DENSE_ENCODE = "matmul+topk"  # a flat TopK encode done densely: the encode baseline
@@ -34,13 +34,6 @@ class BenchState:
     budget_s: Optional[float] = None  # fewer rounds (never under MIN_ROUNDS) when a round is slow
     implementations: dict = field(default_factory=dict)
     bases: dict = field(default_factory=dict)
-    ceilings: dict = field(default_factory=dict)
-
-    def ceilings_for(self, dtype: torch.dtype) -> dict:
-        key = str(dtype).replace("torch.", "")
-        if key not in self.ceilings:
-            self.ceilings[key] = measure_ceilings(self.device, dtype)
-        return self.ceilings[key]
 
     def keep_only(self, shapes: set) -> None:
         """Drop what no (spec, d, dtype) in `shapes` uses: the memory goes to the next shape."""
@@ -94,9 +87,13 @@ def _baselines(case: Case, labels: dict) -> dict:
     if case.reference:
         target = DENSE_ENCODE if case.op == "encode" else "reference"
         return {label: target for label in labels}
-    # No reference: each implementation's models against its own flat model (issue 10's comparison).
+    # No reference: each implementation's tree models against its own flat model (issue 10's comparison).
     flat_of = {meta["impl"]: label for label, meta in labels.items() if meta["flat"]}
-    return {label: flat_of[meta["impl"]] for label, meta in labels.items() if meta["impl"] in flat_of}
+    models_of = {}
+    for meta in labels.values():
+        models_of[meta["impl"]] = models_of.get(meta["impl"], 0) + 1
+    return {label: flat_of[meta["impl"]] for label, meta in labels.items()
+            if meta["impl"] in flat_of and models_of[meta["impl"]] > 1}
 
 
 def run_case(case: Case, benchmark, state: BenchState) -> dict:
@@ -120,7 +117,7 @@ def run_case(case: Case, benchmark, state: BenchState) -> dict:
                                 "work": labels[FLOOR]["work"]}
     skipped = {}
     for spec in case.models:
-        for name, reason in implementation_plan(spec, device, case.reference):
+        for name, reason in implementation_plan(spec, device, case.reference, case.peers):
             label = name if len(case.models) == 1 else f"{name} [{spec.label}]"
             if reason:
                 skipped[label] = reason
@@ -134,7 +131,8 @@ def run_case(case: Case, benchmark, state: BenchState) -> dict:
                              "k": list(spec.k), "selection": spec.selection,
                              "work": work(case.op, spec, case.N, case.d, element_size)}
 
-    timer = RoundRobin(timed, device, warmup=state.warmup)
+    ceiling_timed, ceiling_work = ceiling_candidates(device, dtype)
+    timer = RoundRobin(timed + ceiling_timed, device, warmup=state.warmup)
     started = time.perf_counter()
     for _ in range(state.warmup):
         timer()
@@ -143,8 +141,8 @@ def run_case(case: Case, benchmark, state: BenchState) -> dict:
         seconds_per_round = (time.perf_counter() - started) / state.warmup
         rounds = max(MIN_ROUNDS, min(rounds, int(state.budget_s / seconds_per_round)))
     benchmark.pedantic(timer, rounds=rounds, warmup_rounds=0, iterations=1)
-    peaks = {t.name: peak_memory_bytes(t, device) for t in timed}
-    ceilings = state.ceilings_for(dtype)
+    peaks = timer.peak_bytes
+    ceilings = ceilings_from(timer.samples, ceiling_work)
     baselines = _baselines(case, labels)
     results = {}
     for label, meta in labels.items():

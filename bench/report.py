@@ -68,9 +68,6 @@ def machine_lines(data: dict) -> list[str]:
     if load:
         lines.append(f"- Load average at start (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}: "
                      "the machine is shared; ratios come from interleaved rounds, absolute times carry the load")
-    for dtype, c in (info.get("ceilings") or {}).items():
-        lines.append(f"- Measured ceilings ({dtype}): matmul {c['matmul_tflops']:.3g} TFLOP/s ({c['matmul_shape']}), "
-                     f"copy {c['copy_gbps']:.3g} GB/s")
     if info.get("memory_method"):
         lines.append(f"- Peak memory: {info['memory_method']}")
     if info.get("bench_set"):
@@ -78,11 +75,26 @@ def machine_lines(data: dict) -> list[str]:
     return lines
 
 
+def _skipped_lines(skipped: dict) -> list[str]:
+    """One line per (implementation, reason), not per model: the reason is the same for each."""
+    by_reason: OrderedDict[tuple, list[str]] = OrderedDict()
+    for label, reason in skipped.items():
+        impl, _, model = label.partition(" [")
+        by_reason.setdefault((impl, reason), []).append(model.rstrip("]") or "")
+    lines = []
+    for (impl, reason), models in by_reason.items():
+        which = f" ({', '.join(m for m in models if m)})" if any(models) else ""
+        lines.append(f"- {impl}{which} skipped: {reason}")
+    return lines
+
+
 def case_table(case: dict) -> list[str]:
+    ceilings = case["ceilings"]
     lines = [
         f"**{case['case']}**: {OP_TITLE.get(case['op'], case['op'])}, N={case['N']}, d={case['d']}, {case['dtype']}, "
         f"{case['rounds']} rounds round-robin (median, quartiles); load {case['load_1min_before']:.1f} -> "
-        f"{case['load_1min_after']:.1f}",
+        f"{case['load_1min_after']:.1f}; ceilings in the same rounds: matmul {ceilings['matmul_tflops']:.3g} TFLOP/s "
+        f"({ceilings['matmul_shape']}), copy {ceilings['copy_gbps']:.3g} GB/s",
         "",
         "| candidate | model | median ms (IQR) | tokens/s | speedup vs | x encoder GEMM | peak MB | TFLOP/s (% ceiling) | GB/s (% ceiling) |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -94,9 +106,7 @@ def case_table(case: dict) -> list[str]:
             f"{_fmt(c['tokens_per_s'])} | {speedup} | {_ratio(c['time_vs_floor'])} | {_fmt(c['peak_mem_mb'])} | "
             f"{c['tflops']:.3g} ({100 * c['tflops_of_ceiling']:.0f}%) | {c['gbps']:.3g} ({100 * c['gbps_of_ceiling']:.0f}%) |"
         )
-    for label, reason in case.get("skipped", {}).items():
-        lines.append(f"| {label} | skipped: {reason} | | | | | | | |")
-    return lines + [""]
+    return lines + [""] + _skipped_lines(case.get("skipped", {})) + [""]
 
 
 def markdown(data: dict, source: Path) -> str:

@@ -9,7 +9,7 @@ import hsae_fast.backends.torch_sparse as torch_sparse
 from bench import harness, report
 from bench.candidates import PEERS, Sparsify, base_layer, build_implementation, peer_missing
 from bench.cases import Case, default_tree, flat
-from bench.timing import RoundRobin, Timed, paired_ratio
+from bench.timing import PeakMemory, RoundRobin, Timed, cpu_memory_method, paired_ratio
 
 CPU = torch.device("cpu")
 D = 24
@@ -39,6 +39,16 @@ def test_round_robin_rotates_and_discards_warmup():
     assert all(len(s) == 2 for s in timer.samples.values())
 
 
+@pytest.mark.skipif(cpu_memory_method() is None, reason="no resettable RSS high-water mark here")
+def test_peak_memory_sees_a_transient_buffer_and_not_what_was_held():
+    held = torch.ones(16 * 2**20 // 4)  # 16 MiB held before: not counted
+    with PeakMemory(CPU) as peak:
+        transient = torch.ones(64 * 2**20 // 4)  # 64 MiB at the peak, freed before the end
+        del transient
+    assert 60 * 2**20 <= peak.bytes < 76 * 2**20, peak.bytes
+    del held
+
+
 def test_paired_ratio_is_per_round():
     # Load doubles in round 2: both candidates slow down together, the per-round ratio stays 2.
     assert paired_ratio([2.0, 4.0, 2.0], [1.0, 2.0, 1.0])["median"] == 2.0
@@ -53,6 +63,7 @@ def test_run_case_reports_every_candidate(op):
     assert ("reference" in results) == (op != "encode") and ("matmul+topk" in results) == (op == "encode")
     for label, entry in results.items():
         assert len(entry["samples_ms"]) == 2, label
+        assert entry["peak_mem_mb"] is not None or cpu_memory_method() is None, label
         assert entry["median_ms"] > 0 and entry["tokens_per_s"] > 0
     assert "speedup_vs_baseline" in results["torch"]
 

@@ -39,8 +39,10 @@ def synchronize(device: torch.device) -> None:
 class RoundRobin:
     """Callable that runs one round (each candidate once) per call; pytest-benchmark drives the rounds.
 
-    The first `warmup` rounds are discarded. The starting candidate rotates every round so that no
-    candidate always runs right after the same neighbour (caches, allocator state, turbo budget)."""
+    The first `warmup` rounds are not timed; the last of them measures each call's peak memory
+    instead (so measuring costs no extra round, and one-time work such as lazy caches is done by then).
+    The starting candidate rotates every round so that no candidate always runs right after the same
+    neighbour (caches, allocator state, turbo budget)."""
 
     def __init__(self, candidates: list[Timed], device: torch.device, warmup: int):
         self.candidates = candidates
@@ -48,12 +50,20 @@ class RoundRobin:
         self.warmup = warmup
         self.rounds_run = 0
         self.samples: dict[str, list[float]] = {c.name: [] for c in candidates}
+        self.peak_bytes: dict[str, Optional[int]] = {c.name: None for c in candidates}
 
     def __call__(self) -> None:
         n = len(self.candidates)
+        measure_memory = self.rounds_run == self.warmup - 1
         for j in range(n):
             candidate = self.candidates[(self.rounds_run + j) % n]
             arg = candidate.setup() if candidate.setup else None
+            if measure_memory:
+                with PeakMemory(self.device) as peak:
+                    candidate.call(arg)
+                self.peak_bytes[candidate.name] = peak.bytes
+                del arg
+                continue
             synchronize(self.device)
             start = time.perf_counter()
             candidate.call(arg)
@@ -110,40 +120,53 @@ def _proc_status_kb(key: str) -> int:
 
 
 def cpu_memory_method() -> Optional[str]:
-    """The CPU peak-memory method, or None where the kernel does not offer a resettable high-water mark."""
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-        _proc_status_kb("VmHWM")
-    except OSError:
-        return None
-    return "RSS high-water mark (VmHWM reset through /proc/self/clear_refs) above the RSS before the call"
+    """The CPU peak-memory method, or None where the kernel offers no resettable high-water mark."""
+    global _CPU_METHOD
+    if _CPU_METHOD is None:
+        try:
+            with open("/proc/self/clear_refs", "w") as refs:
+                refs.write("5")
+            _proc_status_kb("VmHWM")
+            _CPU_METHOD = "RSS high-water mark (VmHWM, reset through /proc/self/clear_refs) above the RSS before the call"
+        except (OSError, RuntimeError):
+            _CPU_METHOD = ""
+    return _CPU_METHOD or None
 
 
-def peak_memory_bytes(candidate: Timed, device: torch.device) -> Optional[int]:
-    """Extra memory one call needs at its peak, above what was held before it (parameters, optimizer
-    state and the setup's outputs are held before it, so they are not counted).
+_CPU_METHOD: Optional[str] = None
 
-    CUDA: the caching allocator's max_memory_allocated. CPU: see `cpu_memory_method`."""
-    arg = candidate.setup() if candidate.setup else None
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        candidate.call(arg)
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    if cpu_memory_method() is None:
-        return None
-    _malloc_trim()
-    base_kb = _proc_status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")
-    candidate.call(arg)
-    peak_kb = _proc_status_kb("VmHWM")
-    del arg
-    return max(0, peak_kb - base_kb) * 1024
+
+class PeakMemory:
+    """Extra memory the enclosed code needs at its peak, above what was held when it began
+    (parameters, optimizer state and a setup's outputs are held before, so they are not counted).
+
+    CUDA: the caching allocator's max_memory_allocated. CPU: see `cpu_memory_method`; `bytes` stays
+    None where neither is available."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.bytes: Optional[int] = None
+        self._base = 0
+
+    def __enter__(self) -> "PeakMemory":
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif cpu_memory_method() is not None:
+            _malloc_trim()
+            self._base = _proc_status_kb("VmRSS") * 1024
+            with open("/proc/self/clear_refs", "w") as refs:
+                refs.write("5")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+        elif cpu_memory_method() is not None:
+            self.bytes = max(0, _proc_status_kb("VmHWM") * 1024 - self._base)
 
 
 def memory_method(device: torch.device) -> str:
@@ -153,26 +176,30 @@ def memory_method(device: torch.device) -> str:
 
 
 # ----------------------------------------------------------------------------- device ceilings
-def measure_ceilings(device: torch.device, dtype: torch.dtype, rounds: int = 5) -> dict:
-    """The device's achievable matmul FLOP/s and copy bandwidth, measured now, in this process."""
-    if device.type == "cuda":
-        n, copy_elements = 8192, 1 << 29
-    else:
-        n, copy_elements = 2048, 1 << 26
+CEILING_MATMUL = "ceiling: matmul"
+CEILING_COPY = "ceiling: copy"
+
+
+def ceiling_candidates(device: torch.device, dtype: torch.dtype) -> tuple[list[Timed], dict]:
+    """A large matmul and a large copy, timed in the same rounds as a case's candidates so that the
+    ceilings see the same load; returns them and the work each does (flops, bytes)."""
+    n, copy_elements = (8192, 1 << 29) if device.type == "cuda" else (1024, 1 << 24)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    src = torch.empty(copy_elements, dtype=dtype, device=device).fill_(1)
+    src = torch.ones(copy_elements, dtype=dtype, device=device)
     dst = torch.empty_like(src)
-    timer = RoundRobin([Timed("matmul", lambda _: a @ b), Timed("copy", lambda _: dst.copy_(src))], device, warmup=1)
-    for _ in range(rounds + 1):
-        timer()
-    matmul_s = statistics.median(timer.samples["matmul"])
-    copy_s = statistics.median(timer.samples["copy"])
+    timed = [Timed(CEILING_MATMUL, lambda _: a @ b), Timed(CEILING_COPY, lambda _: dst.copy_(src))]
+    work = {"matmul_flops": 2 * n**3, "matmul_shape": f"{n}x{n}x{n} {str(dtype).replace('torch.', '')}",
+            "copy_bytes": 2 * src.numel() * src.element_size()}  # read + write
+    return timed, work
+
+
+def ceilings_from(samples: dict, work: dict) -> dict:
     return {
-        "matmul_tflops": 2 * n**3 / matmul_s / 1e12,
-        "matmul_shape": f"{n}x{n}x{n} {str(dtype).replace('torch.', '')}",
-        "copy_gbps": 2 * src.numel() * src.element_size() / copy_s / 1e9,  # read + write
-        "copy_bytes": src.numel() * src.element_size(),
+        "matmul_tflops": work["matmul_flops"] / statistics.median(samples[CEILING_MATMUL]) / 1e12,
+        "matmul_shape": work["matmul_shape"],
+        "copy_gbps": work["copy_bytes"] / statistics.median(samples[CEILING_COPY]) / 1e9,
+        "copy_bytes_moved": work["copy_bytes"],
     }
 
 
