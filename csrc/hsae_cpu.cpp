@@ -12,7 +12,13 @@
 #include "hsae_cpu.h"
 
 #include <ATen/Parallel.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <c10/util/BFloat16.h>
+
+#include <dlfcn.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <cstring>
@@ -115,76 +121,167 @@ HSAE_VECTOR_CLONES void widen_rows(const BFloat16* src, float* dst, int64_t coun
   for (int64_t i = 0; i < count; ++i) dst[i] = load(src, i);
 }
 
+// One weight row as floats (a copy for float32 too: callers then read one layout).
+inline void widen_row(const float* src, float* dst, int64_t d) { std::copy(src, src + d, dst); }
+inline void widen_row(const BFloat16* src, float* dst, int64_t d) { widen_rows(src, dst, d); }
+
 // ------------------------------------------------------------------------------------ running top-k
-// A min-heap of the `cap` best (score, key) pairs seen so far; the worst kept pair sits at the root.
-// Ties break toward the smaller key, so the result does not depend on the order candidates arrive in.
-struct TopK {
-  float* score;
-  int64_t* key;
-  int64_t size = 0;
-  int64_t cap;
-
-  static bool worse(float sa, int64_t ka, float sb, int64_t kb) { return sa < sb || (sa == sb && ka > kb); }
-
-  // Candidates scoring at or below this cannot enter (NaN never enters, -inf is "no candidate").
-  float threshold() const { return size < cap ? kNegInf : score[0]; }
-
-  void push(float s, int64_t k) {
-    if (!(s > kNegInf)) return;
-    if (size < cap) {
-      int64_t i = size++;
-      while (i > 0) {  // sift up
-        int64_t up = (i - 1) / 2;
-        if (!worse(s, k, score[up], key[up])) break;
-        score[i] = score[up], key[i] = key[up], i = up;
-      }
-      score[i] = s, key[i] = k;
-      return;
-    }
-    if (!worse(score[0], key[0], s, k)) return;
-    int64_t i = 0;
-    while (true) {  // sift down from the root
-      int64_t child = 2 * i + 1;
-      if (child >= size) break;
-      if (child + 1 < size && worse(score[child + 1], key[child + 1], score[child], key[child])) ++child;
-      if (!worse(score[child], key[child], s, k)) break;
-      score[i] = score[child], key[i] = key[child], i = child;
-    }
-    score[i] = s, key[i] = k;
-  }
-
-  // Best first, into score[0..size) / key[0..size).
-  void sort_best_first() {
-    std::vector<int64_t> order(size);
-    std::iota(order.begin(), order.end(), 0);
-    std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return worse(score[b], key[b], score[a], key[a]); });
-    std::vector<float> s(size);
-    std::vector<int64_t> k(size);
-    for (int64_t i = 0; i < size; ++i) s[i] = score[order[i]], k[i] = key[order[i]];
-    std::copy(s.begin(), s.end(), score);
-    std::copy(k.begin(), k.end(), key);
-  }
+// Candidates scoring above a row's current threshold are appended to a buffer (a vector compress
+// with AVX-512, branch-free elsewhere); when the buffer fills, one nth_element keeps the k best and
+// raises the threshold. A row's k-th best rises fast, so after the first tiles few scores pass,
+// and no per-candidate heap update sits in the scan. Order: higher score first, then smaller key,
+// a strict total order, so the kept set never depends on the order candidates arrive in.
+struct Candidate {
+  float score;
+  int32_t key;
 };
 
-// Merges one row of a score tile into a running top-k: scores[j] + bias[j] for features first..first+T.
-// Most chunks hold nothing above the threshold, and that test vectorizes.
-HSAE_VECTOR_CLONES void merge_scores(TopK& top, const float* scores, const float* bias, int64_t T, int64_t first) {
-  float thr = top.threshold();
-  int64_t j = 0;
-  for (; j + kLanes <= T; j += kLanes) {
-    int hit = 0;
-    for (int64_t l = 0; l < kLanes; ++l) hit |= (scores[j + l] + bias[j + l]) > thr;
-    if (!hit) continue;
-    for (int64_t l = 0; l < kLanes; ++l) {
-      const float s = scores[j + l] + bias[j + l];
-      if (s > thr) top.push(s, first + j + l), thr = top.threshold();
-    }
+inline bool better(const Candidate& a, const Candidate& b) {
+  return a.score > b.score || (a.score == b.score && a.key < b.key);
+}
+
+// Appends (v, first + j) for every v = scores[j] (+ bias[j]) > threshold, j < n; returns how many.
+// Writes up to kLanes - 1 slots past the last kept one.
+using AppendAbove = int64_t (*)(const float*, const float*, int64_t, int32_t, float, float*, int32_t*);
+
+int64_t append_above_generic(const float* scores, const float* bias, int64_t n, int32_t first, float threshold,
+                             float* out_score, int32_t* out_key) {
+  int64_t count = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = bias ? scores[j] + bias[j] : scores[j];
+    out_score[count] = v;
+    out_key[count] = first + static_cast<int32_t>(j);
+    count += v > threshold;  // NaN and -inf (pruned, no candidate) never pass
   }
-  for (; j < T; ++j) {
-    const float s = scores[j] + bias[j];
-    if (s > thr) top.push(s, first + j), thr = top.threshold();
+  return count;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// A vector compress keeps the passing lanes; other x86-64 CPUs take the generic loop.
+__attribute__((target("avx512f"))) int64_t append_above_avx512(const float* scores, const float* bias, int64_t n,
+                                                                int32_t first, float threshold, float* out_score,
+                                                                int32_t* out_key) {
+  const __m512 t = _mm512_set1_ps(threshold);
+  __m512i keys = _mm512_add_epi32(_mm512_set1_epi32(first), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  const __m512i step = _mm512_set1_epi32(16);
+  int64_t count = 0, j = 0;
+  for (; j + 16 <= n; j += 16, keys = _mm512_add_epi32(keys, step)) {
+    __m512 v = _mm512_loadu_ps(scores + j);
+    if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + j));
+    const __mmask16 pass = _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ);
+    if (!pass) continue;
+    _mm512_storeu_ps(out_score + count, _mm512_maskz_compress_ps(pass, v));
+    _mm512_storeu_si512(out_key + count, _mm512_maskz_compress_epi32(pass, keys));
+    count += __builtin_popcount(pass);
+  }
+  return count + append_above_generic(scores + j, bias ? bias + j : nullptr, n - j, first + static_cast<int32_t>(j),
+                                      threshold, out_score + count, out_key + count);
+}
+#endif
+
+AppendAbove pick_append_above() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (__builtin_cpu_supports("avx512f")) return append_above_avx512;
+#endif
+  return append_above_generic;
+}
+
+// Float -> uint32 with the same order (-0 counted as +0); NaN never reaches a top-k buffer.
+HSAE_VECTOR_CLONES void float_order_bits(const float* v, int64_t n, uint32_t* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t b;
+    const float x = v[i] + 0.f;
+    std::memcpy(&b, &x, sizeof(b));
+    out[i] = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
   }
 }
+
+HSAE_VECTOR_CLONES int64_t count_at_least(const uint32_t* bits, int64_t n, uint32_t t) {
+  int32_t count = 0;
+  for (int64_t i = 0; i < n; ++i) count += bits[i] >= t;
+  return count;
+}
+
+// The k-th largest of n >= k values: the largest t with at least k values >= t.
+uint32_t kth_largest(const uint32_t* bits, int64_t n, int64_t k) {
+  uint64_t lo = 0, hi = uint64_t(1) << 32;  // count(>= lo) >= k > count(>= hi)
+  while (hi - lo > 1) {
+    const uint64_t mid = (lo + hi) / 2;
+    (count_at_least(bits, n, static_cast<uint32_t>(mid)) >= k ? lo : hi) = mid;
+  }
+  return static_cast<uint32_t>(lo);
+}
+
+// One row's running top-k over a buffer of capacity_for(k) slots: the k kept, then room for kRoom
+// appended candidates before a compaction (scores are offered kStep at a time).
+class TopKBuffer {
+ public:
+  static constexpr int64_t kRoom = 512;
+  static constexpr int64_t kStep = 64;
+  static int64_t capacity_for(int64_t k) { return k + kRoom + kLanes; }
+
+  TopKBuffer(float* score, int32_t* key, int64_t k) : score_(score), key_(key), k_(k) {}
+
+  // Offers scores[j] (+ bias[j]) under keys first + j, for j < n.
+  void offer(const float* scores, const float* bias, int64_t n, int32_t first) {
+    static const AppendAbove append_above = pick_append_above();
+    for (int64_t j = 0; j < n; j += kStep) {
+      const int64_t m = std::min(kStep, n - j);
+      if (count_ + m > k_ + kRoom) compact();
+      count_ += append_above(scores + j, bias ? bias + j : nullptr, m, first + static_cast<int32_t>(j), threshold_,
+                             score_ + count_, key_ + count_);
+    }
+  }
+
+  // The kept candidates, best first; returns how many (at most k).
+  int64_t finish(std::vector<Candidate>& out) {
+    compact();
+    out.resize(count_);
+    for (int64_t i = 0; i < count_; ++i) out[i] = {score_[i], key_[i]};
+    std::sort(out.begin(), out.end(), better);
+    return count_;
+  }
+
+ private:
+  // Keeps the k best; the threshold becomes the k-th best score once k are held. The k-th best is
+  // found by bisection on the scores' order-preserving bits (32 vectorized counts, no branches on
+  // data), then the equals of it are set aside and a branch-free in-place pass keeps what beats it.
+  void compact() {
+    if (count_ < k_) return;
+    std::vector<uint32_t>& bits = scratch_bits();
+    bits.resize(count_);
+    float_order_bits(score_, count_, bits.data());
+    const uint32_t kth = kth_largest(bits.data(), count_, k_);
+    std::vector<Candidate>& ties = scratch_ties();
+    ties.clear();
+    for (int64_t i = 0; i < count_; ++i)
+      if (bits[i] == kth) ties.push_back({score_[i], key_[i]});
+    int64_t kept = 0;
+    for (int64_t i = 0; i < count_; ++i) {
+      score_[kept] = score_[i], key_[kept] = key_[i];
+      kept += bits[i] > kth;
+    }
+    std::sort(ties.begin(), ties.end(), better);
+    for (size_t i = 0; kept < k_; ++i) score_[kept] = ties[i].score, key_[kept] = ties[i].key, ++kept;
+    count_ = k_;
+    threshold_ = ties.front().score;
+  }
+
+  static std::vector<uint32_t>& scratch_bits() {
+    thread_local std::vector<uint32_t> buffer;
+    return buffer;
+  }
+  static std::vector<Candidate>& scratch_ties() {
+    thread_local std::vector<Candidate> buffer;
+    return buffer;
+  }
+
+  float* score_;
+  int32_t* key_;
+  int64_t k_;
+  int64_t count_ = 0;
+  float threshold_ = kNegInf;
+};
 
 // Fixed-size row chunks for sums over tokens: the partial sums and their order do not depend on
 // how many threads run, so reductions give the same bits with 1 or 64 threads.
@@ -234,27 +331,62 @@ void for_feature_ranges(const FeatureGroups& g, int64_t F, const Body& body) {
   });
 }
 
+// A fresh (F, d) gradient is tens of MB that no page of has been touched yet; on Linux with
+// transparent huge pages in "madvise" mode, asking for 2 MB pages before the first write turns
+// thousands of page faults into a few dozen (the same advice torch gives with THP_MEM_ALLOC_ENABLE).
+void advise_huge_pages(const c10::optional<Tensor>& t) {
+#if defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (!t.has_value() || t->nbytes() < 2 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(t->data_ptr()) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(t->data_ptr()) + t->nbytes()) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+}
+
 template <typename T>
 T* ptr_or_null(const c10::optional<Tensor>& t) {
   return t.has_value() ? t->data_ptr<T>() : nullptr;
 }
 
+// ------------------------------------------------------------------------------------ BLAS threads
+// torch turns MKL's dynamic threading off, so a GEMM called inside a parallel region would open a
+// nested team of its own. Where torch's BLAS is MKL, each task pins its calls to its own thread with
+// MKL_Set_Num_Threads_Local (looked up at run time: other BLAS builds simply lack the symbol).
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas() : previous_(set_local() ? set_local()(1) : 0) {}
+  ~SingleThreadedBlas() {
+    if (set_local()) set_local()(previous_);
+  }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  using SetLocal = int (*)(int);
+  static SetLocal set_local() {
+    static const SetLocal fn = reinterpret_cast<SetLocal>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
+    return fn;
+  }
+  int previous_;
+};
+
 // ------------------------------------------------------------------------------------ dense encode
 // Rows of the score tile one task computes at a time, and features per tile: a (rows x tile) float
 // block and the tile of W stay in L2 while the top-k merge reads them.
-constexpr int64_t kDenseRows = 256;
+constexpr int64_t kDenseRows = 512;
 constexpr int64_t kDenseTile = 512;
 
 // Writes one token's kept slots: ids, scores, and the slot of each feature's parent among the
 // token's active parents (the first one holding it; -1 with no parent level or none active).
-void write_dense_row(TopK& top, int64_t n, int64_t K, int64_t lo, const int64_t* parent, const int64_t* pidx,
-                     const float* pvals, int64_t kp, int64_t* out_idx, float* out_score, int64_t* out_slot) {
-  top.sort_best_first();
+void write_dense_row(const std::vector<Candidate>& best, int64_t n, int64_t K, int64_t lo, const int64_t* parent,
+                     const int64_t* pidx, const float* pvals, int64_t kp, int64_t* out_idx, float* out_score,
+                     int64_t* out_slot) {
   for (int64_t j = 0; j < K; ++j) {
-    const bool filled = j < top.size;
-    const int64_t id = filled ? top.key[j] + lo : lo;
+    const bool filled = j < static_cast<int64_t>(best.size());
+    const int64_t id = filled ? best[j].key + lo : lo;
     out_idx[n * K + j] = id;
-    out_score[n * K + j] = filled ? top.score[j] : kNegInf;
+    out_score[n * K + j] = filled ? best[j].score : kNegInf;
     int64_t slot = -1;
     for (int64_t s = 0; filled && pidx && s < kp; ++s)
       if (pidx[n * kp + s] == parent[id] && pvals[n * kp + s] != 0.f) { slot = s; break; }
@@ -279,6 +411,7 @@ void encode_dense_impl(const EncodeArgs& a) {
   const int64_t* child_ids = ptr_or_null<int64_t>(a.child_ids);
   const int64_t kp = pidx ? a.parent_idx->size(1) : 0;
   const int64_t parent_offset = lo + Fl;
+  TORCH_CHECK(Fl < std::numeric_limits<int32_t>::max(), "level_size ", Fl, " does not fit the 32-bit candidate keys");
 
   // Bias with the pruned mask folded in: a pruned feature scores -inf and never enters a top-k.
   std::vector<float> bias(Fl);
@@ -289,28 +422,27 @@ void encode_dense_impl(const EncodeArgs& a) {
   const int64_t row_blocks = (N + kDenseRows - 1) / kDenseRows;
   const int64_t tiles = (Fl + kDenseTile - 1) / kDenseTile;
   const int64_t splits = std::min(tiles, std::max<int64_t>(1, at::get_num_threads() / row_blocks));
-  // Partial top-k of every (row, feature split), merged per row at the end.
-  std::vector<float> part_s(N * splits * K);
-  std::vector<int64_t> part_k(N * splits * K);
-  std::vector<int64_t> part_size(N * splits, 0);
+  // The best K of every (row, feature split), best first, merged per row at the end.
+  std::vector<std::vector<Candidate>> parts(N * splits);
+  const int64_t capacity = TopKBuffer::capacity_for(K);
 
   at::parallel_for(0, row_blocks * splits, 1, [&](int64_t task0, int64_t task1) {
+    SingleThreadedBlas blas_on_this_thread;
     std::vector<float> tile(kDenseRows * kDenseTile);
     std::vector<float> w_tile(std::is_same<W_t, float>::value ? 0 : kDenseTile * d);
     // Per row of the block, the (local feature, edge_weight * parent value) pairs of its active
     // parents' children, sorted by feature so each tile consumes a contiguous run.
     std::vector<std::vector<std::pair<int64_t, float>>> bonus(use_edges ? kDenseRows : 0);
     std::vector<size_t> cursor(kDenseRows);
+    std::vector<float> buffer_s(kDenseRows * capacity);
+    std::vector<int32_t> buffer_k(kDenseRows * capacity);
     for (int64_t task = task0; task < task1; ++task) {
       const int64_t blk = task / splits, split = task % splits;
       const int64_t r0 = blk * kDenseRows, rows = std::min(kDenseRows, N - r0);
       const int64_t tile0 = tiles * split / splits, tile1 = tiles * (split + 1) / splits;
-      std::vector<TopK> tops(rows);
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t part = (r0 + r) * splits + split;
-        tops[r] = TopK{part_s.data() + part * K, part_k.data() + part * K, 0, K};
-        cursor[r] = 0;
-      }
+      std::vector<TopKBuffer> tops;
+      for (int64_t r = 0; r < rows; ++r) tops.emplace_back(buffer_s.data() + r * capacity, buffer_k.data() + r * capacity, K);
+      std::fill(cursor.begin(), cursor.end(), 0);
       for (int64_t r = 0; r < rows && use_edges; ++r) {
         bonus[r].clear();
         const int64_t n = r0 + r;
@@ -333,7 +465,6 @@ void encode_dense_impl(const EncodeArgs& a) {
           widen_rows(W + f0 * d, w_tile.data(), T * d);
           w_rows = w_tile.data();
         }
-        // Inside a parallel region ATen's GEMM runs on this thread alone.
         Tensor s_blk = at::from_blob(tile.data(), {rows, T}, at::kFloat);
         at::mm_out(s_blk, x_blk, at::from_blob(const_cast<float*>(w_rows), {T, d}, at::kFloat).t());
         for (int64_t r = 0; r < rows; ++r) {
@@ -343,10 +474,10 @@ void encode_dense_impl(const EncodeArgs& a) {
             for (; i < bonus[r].size() && bonus[r][i].first < f0 + T; ++i)
               if (bonus[r][i].first >= f0) srow[bonus[r][i].first - f0] += bonus[r][i].second;
           }
-          merge_scores(tops[r], srow, bias.data() + f0, T, f0);
+          tops[r].offer(srow, bias.data() + f0, T, static_cast<int32_t>(f0));
         }
       }
-      for (int64_t r = 0; r < rows; ++r) part_size[(r0 + r) * splits + split] = tops[r].size;
+      for (int64_t r = 0; r < rows; ++r) tops[r].finish(parts[(r0 + r) * splits + split]);
     }
   });
 
@@ -355,16 +486,14 @@ void encode_dense_impl(const EncodeArgs& a) {
   int64_t* out_slot = a.parent_slot.data_ptr<int64_t>();
   const int64_t* parent = a.parent.data_ptr<int64_t>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    std::vector<float> heap_s(K);
-    std::vector<int64_t> heap_k(K);
     for (int64_t n = n0; n < n1; ++n) {
-      TopK top{part_s.data() + n * splits * K, part_k.data() + n * splits * K, part_size[n * splits], K};
-      if (splits > 1) {  // the union's top-k is unique under the (score, key) order: merge order is free
-        top = TopK{heap_s.data(), heap_k.data(), 0, K};
-        for (int64_t p = n * splits; p < (n + 1) * splits; ++p)
-          for (int64_t i = 0; i < part_size[p]; ++i) top.push(part_s[p * K + i], part_k[p * K + i]);
+      std::vector<Candidate>& best = parts[n * splits];
+      for (int64_t p = n * splits + 1; p < (n + 1) * splits; ++p) best.insert(best.end(), parts[p].begin(), parts[p].end());
+      if (splits > 1) {  // the union's best K under the strict (score, key) order
+        std::sort(best.begin(), best.end(), better);
+        best.resize(std::min<size_t>(best.size(), K));
       }
-      write_dense_row(top, n, K, lo, parent, pidx, pvals, kp, out_idx, out_score, out_slot);
+      write_dense_row(best, n, K, lo, parent, pidx, pvals, kp, out_idx, out_score, out_slot);
     }
   });
 }
@@ -378,6 +507,8 @@ void encode_routed_impl(const EncodeArgs& a) {
   const int64_t N = a.xc.size(0), d = a.xc.size(1), K = a.kmax, lo = a.level_offset, Fl = a.level_size;
   const int64_t kp = a.parent_idx->size(1), C = a.max_children, width = kp * C;
   const int64_t P = a.child_ptr->size(0) - 1, parent_offset = lo + Fl;
+  TORCH_CHECK(width < std::numeric_limits<int32_t>::max(), "kmax of the parent level x max_children = ", width,
+              " does not fit the 32-bit candidate keys");
   const float* xc = a.xc.data_ptr<float>();
   const W_t* W = a.W_enc.data_ptr<W_t>();
   const float* b_enc = a.b_enc.data_ptr<float>();
@@ -422,20 +553,21 @@ void encode_routed_impl(const EncodeArgs& a) {
     }
   });
 
+  // Each token's best K of its kp * C candidates; key q = j * C + c.
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    std::vector<float> heap_s(K);
-    std::vector<int64_t> heap_k(K);
+    const int64_t capacity = TopKBuffer::capacity_for(K);
+    std::vector<float> buffer_s(capacity);
+    std::vector<int32_t> buffer_k(capacity);
+    std::vector<Candidate> best;
     for (int64_t n = n0; n < n1; ++n) {
-      TopK top{heap_s.data(), heap_k.data(), 0, K};
-      const float* row = cand.data() + n * width;
-      for (int64_t q = 0; q < width; ++q)
-        if (row[q] > top.threshold()) top.push(row[q], q);
-      top.sort_best_first();
+      TopKBuffer top(buffer_s.data(), buffer_k.data(), K);
+      top.offer(cand.data() + n * width, nullptr, width, 0);
+      const int64_t kept = top.finish(best);
       for (int64_t s = 0; s < K; ++s) {
-        const bool filled = s < top.size;
-        const int64_t q = filled ? top.key[s] : 0, j = q / C;
+        const bool filled = s < kept;
+        const int64_t q = filled ? best[s].key : 0, j = q / C;
         out_idx[n * K + s] = filled ? child_ids[child_ptr[pidx[n * kp + j] - parent_offset] + q % C] : lo;
-        out_score[n * K + s] = filled ? top.score[s] : kNegInf;
+        out_score[n * K + s] = filled ? best[s].score : kNegInf;
         out_slot[n * K + s] = filled ? j : -1;
       }
     }
@@ -456,6 +588,7 @@ void encode_backward_impl(const EncodeGrads& a) {
   const int64_t kp = pvals ? a.parent_vals->size(1) : 0;
   float* g_xc = ptr_or_null<float>(a.g_xc);
   float* g_W = ptr_or_null<float>(a.g_W_enc);
+  advise_huge_pages(a.g_W_enc);
   float* g_b = a.g_b_enc.data_ptr<float>();
   float* g_edge = ptr_or_null<float>(a.g_edge);
   float* g_parent = ptr_or_null<float>(a.g_parent_vals);
@@ -521,7 +654,7 @@ void decode_forward_impl(const DecodeArgs& a) {
   const float* gain = a.level_gain.data_ptr<float>();
   const float* b_dec = a.b_dec.data_ptr<float>();
   Out_t* out = a.out.data_ptr<Out_t>();
-  const std::vector<int64_t> level = slot_levels(a.level_widths);
+  const std::vector<int64_t> level = slot_levels(a.level_widths), stops = level_stops(a.level_widths);
   for (int64_t e = 0; e < N * K; ++e)
     TORCH_CHECK(idx[e] >= 0 && idx[e] < F, "idx holds feature id ", idx[e], " outside [0, ", F, ")");
 
@@ -539,18 +672,15 @@ void decode_forward_impl(const DecodeArgs& a) {
       }
       // P_m = b_dec + sum_{l >= m} gain_l * D_l, built from the top level down.
       std::copy(b_dec, b_dec + d, running.begin());
-      int64_t stop = K;
       for (int64_t l = L - 1; l >= 0; --l) {
-        const int64_t begin = stop - a.level_widths[l];
         std::fill(sum.begin(), sum.end(), 0.f);
-        for (int64_t j = begin; j < stop; ++j) {
+        for (int64_t j = stops[l]; j < stops[l + 1]; ++j) {
           const float v = vals[n * K + j];
           if (v != 0.f) axpy(sum.data(), v, W + idx[n * K + j] * d, d);
         }
         for (int64_t i = 0; i < d; ++i) running[i] += gain[l] * sum[i];
         Out_t* dst = out + (l * N + n) * d;
         for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<Out_t>(running[i]);
-        stop = begin;
       }
     }
   });
@@ -570,30 +700,61 @@ void decode_backward_impl(const DecodeGrads& a) {
   const float* gain = a.level_gain.data_ptr<float>();
   float* g_vals = ptr_or_null<float>(a.g_vals);
   float* g_W = ptr_or_null<float>(a.g_W_dec);
+  advise_huge_pages(a.g_W_dec);
   float* g_gain = a.g_level_gain.data_ptr<float>();
   float* g_b = a.g_b_dec.data_ptr<float>();
-  const std::vector<int64_t> level = slot_levels(a.level_widths), stops = level_stops(a.level_widths);
+  const std::vector<int64_t> level = slot_levels(a.level_widths);
   auto g_row = [&](int64_t l, int64_t n) { return g_levels + l * level_stride + n * d; };
 
-  // g_b_dec: every output row's gradient summed; g_gain[l] = sum vals * <g_l, W_dec[idx]>.
+  // One pass over the slots grouped by feature: W_dec[f] is read once (into L1) for all its slots,
+  // each slot's gradient row g_l[n] once for both its dot product (-> g_vals) and, where the value
+  // is nonzero, its share of g_W_dec[f] = sum gain_l * vals * g_l[n].
+  const bool need_dots = g_vals != nullptr;
+  std::vector<float> dots(need_dots ? N * K : 0);
+  if (need_dots || g_W) {
+    const FeatureGroups groups =
+        group_by_feature(idx, N * K, F, [&](int64_t e) { return need_dots || vals[e] != 0.f; });
+    for_feature_ranges(groups, F, [&](int64_t f0, int64_t f1) {
+      std::vector<float> w_row(d), row_dots;
+      std::vector<int64_t> rows;
+      for (int64_t f = f0; f < f1; ++f) {
+        const int64_t first = groups.start[f], count = groups.start[f + 1] - first;
+        float* out_row = g_W ? g_W + f * d : nullptr;
+        if (out_row) std::fill(out_row, out_row + d, 0.f);
+        if (count == 0) continue;
+        if (need_dots) {  // rows of g_levels viewed as one (L * N, d) matrix (L = 1 without prefixes)
+          rows.resize(count);
+          for (int64_t i = 0; i < count; ++i) {
+            const int64_t e = groups.entry[first + i];
+            rows[i] = (a.prefixes ? level[e % K] * N : 0) + e / K;
+          }
+          widen_row(W + f * d, w_row.data(), d);
+          row_dots.resize(count);
+          dot_rows(w_row.data(), g_levels, d, rows.data(), count, row_dots.data());
+          for (int64_t i = 0; i < count; ++i) dots[groups.entry[first + i]] = row_dots[i];
+        }
+        for (int64_t i = 0; out_row && i < count; ++i) {
+          const int64_t e = groups.entry[first + i];
+          if (vals[e] != 0.f) axpy(out_row, vals[e] * gain[level[e % K]], g_row(level[e % K], e / K), d);
+        }
+      }
+    });
+  }
+
+  // Sums over tokens in fixed chunks: g_b_dec (every output row's gradient) and
+  // g_gain[l] = sum vals * <g_l, W_dec[idx]>; then g_vals = gain_l * dot.
   const float* g_out = a.g_out.data_ptr<float>();
   const int64_t out_rows = a.g_out.numel() / std::max<int64_t>(d, 1);
   const int64_t chunks = std::max<int64_t>(1, (std::max(out_rows, N) + kReduceRows - 1) / kReduceRows);
   std::vector<float> b_part(chunks * d, 0.f), gain_part(chunks * L, 0.f);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> dots(K);
     for (int64_t c = c0; c < c1; ++c) {
       float* bp = b_part.data() + c * d;
       for (int64_t r = c * kReduceRows; r < std::min(out_rows, (c + 1) * kReduceRows); ++r)
         for (int64_t i = 0; i < d; ++i) bp[i] += g_out[r * d + i];
-      if (!g_vals) continue;
-      for (int64_t n = c * kReduceRows; n < std::min(N, (c + 1) * kReduceRows); ++n) {
-        for (int64_t l = 0; l < L; ++l)
-          dot_rows(g_row(l, n), W, d, idx + n * K + stops[l], stops[l + 1] - stops[l], dots.data() + stops[l]);
-        for (int64_t j = 0; j < K; ++j) {
-          g_vals[n * K + j] = dots[j] * gain[level[j]];
-          gain_part[c * L + level[j]] += vals[n * K + j] * dots[j];
-        }
+      for (int64_t e = c * kReduceRows * K; need_dots && e < std::min(N, (c + 1) * kReduceRows) * K; ++e) {
+        g_vals[e] = dots[e] * gain[level[e % K]];
+        gain_part[c * L + level[e % K]] += vals[e] * dots[e];
       }
     }
   });
@@ -603,19 +764,6 @@ void decode_backward_impl(const DecodeGrads& a) {
     for (int64_t i = 0; i < d; ++i) g_b[i] += b_part[c * d + i];
     for (int64_t l = 0; l < L; ++l) g_gain[l] += gain_part[c * L + l];
   }
-  if (!g_W) return;
-  // g_W_dec[f] = sum over slots holding f of gain_l * vals * g_l[n]; zero values add nothing.
-  const FeatureGroups groups = group_by_feature(a.idx.data_ptr<int64_t>(), N * K, F, [&](int64_t e) { return vals[e] != 0.f; });
-  for_feature_ranges(groups, F, [&](int64_t f0, int64_t f1) {
-    for (int64_t f = f0; f < f1; ++f) {
-      float* row = g_W + f * d;
-      std::fill(row, row + d, 0.f);
-      for (int64_t i = groups.start[f]; i < groups.start[f + 1]; ++i) {
-        const int64_t e = groups.entry[i], n = e / K, l = level[e % K];
-        axpy(row, vals[e] * gain[l], g_row(l, n), d);
-      }
-    }
-  });
 }
 
 }  // namespace
