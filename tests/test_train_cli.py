@@ -99,3 +99,22 @@ def test_flat_baseline_trains_beside_and_prints_the_table(tmp_path, capsys):
     assert "| metric | HSAE | flat SAE |" in table and "recovery bottom/mid/top" in table
     flat_metrics = json.loads((out / "flat" / "final_metrics.json").read_text())
     assert flat_metrics["tree_recovery"] is None  # a flat SAE has no tree
+
+
+@pytest.mark.parametrize("name", ["synthetic.yaml", "lm_smollm2.yaml"])
+def test_shipped_configs_are_valid(name):
+    from pathlib import Path
+
+    from hsae_fast.train.config import TrainConfig, resolve_model_config, split_fields
+
+    model, trainer = split_fields(load_config_file(Path(__file__).resolve().parents[1] / "configs" / name))
+    tcfg = TrainConfig(**trainer)
+    cfg = resolve_model_config(model, 128 if tcfg.synthetic else 576, tcfg)
+    assert cfg.num_levels == 3
+
+
+def test_default_model_for_any_width_is_valid():
+    from hsae_fast.train.config import TrainConfig, resolve_model_config
+
+    for d in (1, 7, 576, 640):
+        assert resolve_model_config({}, d, TrainConfig(data="acts.npy")).level_sizes == (16 * d, 4 * d, d)

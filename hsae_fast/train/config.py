@@ -22,8 +22,9 @@ SYNTHETIC_D_MODEL = 128
 
 
 def default_model(d_model: int) -> dict:
-    """A 3-level model for any source: 16 * d features in ratios 16:4:1, k = (32, 8, 2)."""
-    return {"dict_size": 16 * d_model, "k": (32, 8, 2)}
+    """A 3-level model for any source: d top features, 4 children each, 4 grandchildren each
+    (21 * d in all), k = (32, 8, 2). Exact multiples keep k within the gating rule of SPEC 1."""
+    return {"level_sizes": (16 * d_model, 4 * d_model, d_model), "k": (32, 8, 2)}
 
 
 @dataclass
