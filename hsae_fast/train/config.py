@@ -24,7 +24,8 @@ SYNTHETIC_D_MODEL = 128
 def default_model(d_model: int) -> dict:
     """A 3-level model for any source: d top features, 4 children each, 4 grandchildren each
     (21 * d in all), k = (32, 8, 2). Exact multiples keep k within the gating rule of SPEC 1."""
-    return {"level_sizes": (16 * d_model, 4 * d_model, d_model), "k": (32, 8, 2)}
+    sizes = (16 * d_model, 4 * d_model, d_model)
+    return {"level_sizes": sizes, "k": tuple(min(k, size) for k, size in zip((32, 8, 2), sizes))}
 
 
 @dataclass
