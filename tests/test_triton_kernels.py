@@ -103,6 +103,16 @@ def test_dense_encode_matches_torch(shape, dtype, with_parent, chunks, monkeypat
     _assert_same_codes(got, want, dtype, offset)
 
 
+def test_dense_encode_errors_name_the_problem():
+    xc, W = _dev(torch.randn(2, 3), torch.randn(4, 3))
+    b, mask = _dev(torch.zeros(4), torch.ones(4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="dtype torch.int32 is not supported"):
+        triton_backend.encode_forward(xc.int(), W.int(), b, b, mask, None, None, None, None, None, 0, 0, 4, 2, False)
+    p_idx, p_vals = _dev(torch.zeros(2, 300, dtype=torch.int64), torch.zeros(2, 300))
+    with pytest.raises(ValueError, match="level_size=5000000 with 9 parent-slot bits"):
+        kernels.encode_dense.encode_dense(xc, W, b, mask, 0, 5_000_000, 2, b, b, p_idx, p_vals)
+
+
 # --------------------------------------------------------------------------------------- routed encode
 def _routed_case(N, d, sizes, dtype, gen, kp, custom_parent):
     """A two-level tree (children, parents) with pruned children and one childless parent."""
