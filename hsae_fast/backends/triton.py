@@ -9,6 +9,8 @@ Importing this module imports triton; the registry reports a failed import as "n
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 import kernels
@@ -30,31 +32,40 @@ def supports(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and kernels.INTERPRETED)
 
 
+def _on(device: torch.device):
+    """Launch on the tensors' GPU, whichever is current (Triton launches on the current device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def encode_forward(xc, W_enc, b_enc, edge_weight, path_mask, parent, parent_idx, parent_vals,
                    child_ptr, child_ids, max_children: int, level_offset: int, level_size: int,
                    kmax: int, routed: bool):
     """See `torch_sparse.encode_forward`."""
-    if routed:
-        return encode_routed(xc, W_enc, b_enc, edge_weight, parent_idx, parent_vals, child_ptr, child_ids,
-                             max_children, level_offset, level_size, kmax)
-    return encode_dense(xc, W_enc, b_enc, path_mask, level_offset, level_size, kmax,
-                        edge_weight, parent, parent_idx, parent_vals)
+    with _on(xc.device):
+        if routed:
+            return encode_routed(xc, W_enc, b_enc, edge_weight, parent_idx, parent_vals, child_ptr, child_ids,
+                                 max_children, level_offset, level_size, kmax)
+        return encode_dense(xc, W_enc, b_enc, path_mask, level_offset, level_size, kmax,
+                            edge_weight, parent, parent_idx, parent_vals)
 
 
 def encode_backward(g_scores, idx, parent_slot, xc, W_enc, edge_weight, parent_vals,
                     need_xc: bool, need_W_enc: bool, need_edge: bool, need_parent_vals: bool):
     """See `torch_sparse.encode_backward`."""
-    return _encode_backward(g_scores, idx, parent_slot, xc, W_enc, edge_weight, parent_vals,
-                            need_xc, need_W_enc, need_edge, need_parent_vals)
+    with _on(xc.device):
+        return _encode_backward(g_scores, idx, parent_slot, xc, W_enc, edge_weight, parent_vals,
+                                need_xc, need_W_enc, need_edge, need_parent_vals)
 
 
 def decode_forward(idx, vals, W_dec, level_gain, b_dec, level_widths: list[int], prefixes: bool):
     """See `torch_sparse.decode_forward`."""
-    return _decode_forward(idx, vals, W_dec, level_gain, b_dec, level_widths, prefixes)
+    with _on(W_dec.device):
+        return _decode_forward(idx, vals, W_dec, level_gain, b_dec, level_widths, prefixes)
 
 
 def decode_backward(g_out, idx, vals, W_dec, level_gain, level_widths: list[int], prefixes: bool,
                     need_vals: bool, need_W_dec: bool, need_gain: bool):
     """See `torch_sparse.decode_backward`."""
-    return _decode_backward(g_out, idx, vals, W_dec, level_gain, level_widths, prefixes,
-                            need_vals, need_W_dec, need_gain)
+    with _on(W_dec.device):
+        return _decode_backward(g_out, idx, vals, W_dec, level_gain, level_widths, prefixes,
+                                need_vals, need_W_dec, need_gain)
