@@ -103,6 +103,20 @@ def test_dense_encode_matches_torch(shape, dtype, with_parent, chunks, monkeypat
     _assert_same_codes(got, want, dtype, offset)
 
 
+def test_auxk_candidates_from_the_dense_encode():
+    """Issue 4's AuxK output: the dense encode over the whole dictionary with the dead mask as the
+    path mask returns the top k_aux scores among dead features (softplus is monotone) in O(N * k_aux)."""
+    gen = _gen("auxk")
+    N, d, F, k_aux = 21, 9, 70, 5
+    xc, W, b = torch.randn(N, d, generator=gen), torch.randn(F, d, generator=gen), torch.randn(F, generator=gen)
+    dead = torch.rand(F, generator=gen) < 0.3
+    idx, scores, _ = triton_backend.encode_forward(*_dev(xc, W, b, b, dead, None), None, None, None, None, 0, 0, F, k_aux, False)
+    dense = (xc @ W.T + b).masked_fill(~dead, float("-inf"))
+    want = dense.topk(k_aux, dim=1)
+    assert torch.equal(idx.cpu().sort(dim=1).values, want.indices.sort(dim=1).values)
+    assert_close("auxk scores", scores.cpu().sort(dim=1).values, want.values.sort(dim=1).values, 1e-5)
+
+
 def test_dense_encode_errors_name_the_problem():
     xc, W = _dev(torch.randn(2, 3), torch.randn(4, 3))
     b, mask = _dev(torch.zeros(4), torch.ones(4, dtype=torch.bool))
