@@ -27,7 +27,10 @@ from helpers import (  # tests/helpers.py: the one comparison helper (bench/conf
 from .cases import ModelSpec
 
 LEARNING_RATE = 1e-4
-CHECK_ROWS = 256  # rows of the case's input the float64 check runs on (it scores every feature in float64)
+# Rows of the case's input the float64 check runs on: it scores every feature in float64 with autograd,
+# so rows shrink as F grows (256 rows at F=16384, 64 at F=65536, never under 16).
+CHECK_ELEMENTS = 256 * 16384
+MIN_CHECK_ROWS = 16
 PEERS = ("sparsify", "saelens")
 
 
@@ -318,8 +321,8 @@ def build_implementation(name: str, base: HSAELayer, spec: ModelSpec) -> Impleme
     return OurBackend(name, base, spec)
 
 
-def check_rows(x: torch.Tensor) -> torch.Tensor:
-    return x[:CHECK_ROWS]
+def check_rows(x: torch.Tensor, dict_size: int) -> torch.Tensor:
+    return x[:max(MIN_CHECK_ROWS, CHECK_ELEMENTS // dict_size)]
 
 
 def sparsify_env_for(device: torch.device) -> None:
