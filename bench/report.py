@@ -109,6 +109,21 @@ def case_table(case: dict) -> list[str]:
     return lines + [""] + _skipped_lines(case.get("skipped", {})) + [""]
 
 
+def summary(cases: list[dict]) -> list[str]:
+    """The training-step cases in one short table (the README copies it)."""
+    steps = [case for case in cases if case["op"] == "step" and not case.get("sweep_axis")]
+    if not steps:
+        return []
+    lines = ["## Summary: one training step (forward + backward + AdamW)", "",
+             "| case | candidate | median ms | speedup | x encoder GEMM | peak MB |", "|---|---|---|---|---|---|"]
+    for case in steps:
+        for label, c in sorted(case["candidates"].items(), key=lambda kv: kv[1]["median_ms"]):
+            speedup = f"{c['speedup_vs_baseline']['median']:.2f}x vs {c['baseline']}" if c.get("baseline") else ""
+            lines.append(f"| {case['case']} | {label} | {_fmt(c['median_ms'])} | {speedup} | "
+                         f"{c['time_vs_floor']['median']:.2f} | {_fmt(c['peak_mem_mb'])} |")
+    return lines + [""]
+
+
 def markdown(data: dict, source: Path) -> str:
     cases = cases_of(data)
     lines = ["# hsae_fast benchmark results", "", f"From `{source.name}` in this folder.", ""]
@@ -120,6 +135,7 @@ def markdown(data: dict, source: Path) -> str:
         "implementation does, against the ceilings measured in the run.",
         "",
     ]
+    lines += summary(cases)
     for group, members in groups_of(cases).items():
         lines += [f"## {group}", ""]
         for case in members:
@@ -157,8 +173,9 @@ def plot_ops(group: str, members: list[dict], out: Path) -> Path:
         ax.set_title(f"{case['case']}: {OP_TITLE.get(case['op'], case['op'])}", fontsize=10)
         ax.set_xlabel("ms (median of round-robin rounds; whiskers: quartiles)", fontsize=8)
         ax.tick_params(labelsize=8)
-    fig.suptitle(group, fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(f"{group}\ngreen: hsae_fast backends, blue: peers, red: dense reference, grey: bare matmul baselines",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / fig.get_size_inches()[1]))
     path = out / f"{_slug(group)}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
