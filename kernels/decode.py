@@ -241,17 +241,14 @@ def decode_backward(g_out, idx, vals, W_dec, level_gain, level_widths: list[int]
     # With prefixes, level l's decode appears in P_0 .. P_l: its upstream gradient is their sum.
     g_levels = torch.cumsum(g, 0) if prefixes else g
     g_b = g.reshape(-1, g.shape[-1]).sum(0)
-    L = len(level_widths)
     g_vals = g_W = None
-    g_gain = torch.zeros(L, dtype=acc, device=idx.device)  # stays 0 unless asked for
+    g_gain = torch.zeros(len(level_widths), dtype=acc, device=idx.device)  # stays 0 unless asked for
     if need_vals or need_gain:
-        dots = gather_dot(idx, g_levels, W_dec, level_widths)
+        dots = gather_dot(idx, g_levels, W_dec, level_widths)  # <g_level, W_dec[idx]>, before the gain
         levels, _ = slot_levels(level_widths, idx.device)
-        gains = level_gain.to(acc)
-        g_vals = dots * gains[levels.long()]
+        g_vals = dots * level_gain.to(acc)[levels.long()]
         per_slot = (vals.to(acc) * dots).sum(0)
-        _, stops = slot_levels(level_widths, "cpu")
-        g_gain = torch.stack([per_slot[a:b].sum() for a, b in zip(stops[:-1].tolist(), stops[1:].tolist())])
+        g_gain = torch.stack([level.sum() for level in per_slot.split(level_widths)])
     if need_W_dec:
         g_W, _ = scatter_rows(idx, vals, g_levels, level_gain, level_widths, W_dec.shape[0])
     return g_vals, g_W, g_gain, g_b
