@@ -287,13 +287,14 @@ def test_encodes_hold_no_n_by_f_buffer():
 
 
 # ------------------------------------------------------------------------------ torch.compile
-def test_compiled_training_step_has_no_graph_break():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compiled_training_step_has_no_graph_break(backend):
     """torch.compile(fullgraph=True) traces the layer (custom ops included) and trains a step."""
     torch._dynamo.reset()
     cfg = HSAEConfig(d_model=8, level_sizes=(24, 8, 4), k=(4, 2, 1))
-    layer = HSAELayer(cfg, backend="torch")
+    layer = HSAELayer(cfg, backend=backend).to(DEVICE if backend == "triton" else "cpu")
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-    x = torch.randn(16, 8)
+    x = torch.randn(16, 8, device=layer.W_enc.device)
     out = compiled(x, return_prefixes=True)
     loss = (out.x_hat - x).pow(2).sum() + out.prefixes.pow(2).mean()
     loss.backward()
