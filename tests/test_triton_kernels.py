@@ -29,7 +29,9 @@ if triton_ok:
     import kernels.encode_dense as encode_dense_module
     from hsae_fast.backends import triton as triton_backend
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Compiled kernels on a GPU when TRITON_INTERPRET is 0 (bench/gpu_run.sh); else the interpreter on CPU.
+ON_GPU = triton_ok and torch.cuda.is_available() and not kernels.INTERPRETED
+DEVICE = "cuda" if ON_GPU else "cpu"
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5}
 
 
@@ -340,7 +342,7 @@ def test_device_mirror_passes_gradients_through():
     assert run.grads["W_enc"].abs().sum() > 0 and run.grads["x"].abs().sum() > 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device and TRITON_INTERPRET=0")
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", list(CASES))
