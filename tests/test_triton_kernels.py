@@ -170,6 +170,17 @@ def test_routed_encode_matches_torch(shape, dtype, custom_parent):
     _assert_same_codes(got, want, dtype, 0)
 
 
+def test_routed_encode_with_every_candidate_pruned():
+    tensors, _ = _routed_case(4, 3, (8, 4), torch.float32, _gen("all_pruned"), 2, False)
+    xc, W, b, edge, _mask, parent, p_idx, p_vals, _ptr, _ids = tensors
+    empty_ptr, no_children = torch.zeros(5, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    with poisoned_outputs():
+        idx, scores, slot = triton_backend.encode_forward(
+            *_dev(xc, W, b, edge, torch.zeros(12, dtype=torch.bool), parent, p_idx, p_vals, empty_ptr, no_children),
+            0, 0, 8, 3, True)
+    assert (scores.cpu() == float("-inf")).all() and (idx.cpu() == 0).all() and (slot.cpu() == -1).all()
+
+
 # -------------------------------------------------------------------------------- decode and backwards
 def _sparse_codes(N, K, F, gen, dtype):
     idx = torch.stack([torch.randperm(F, generator=gen)[:K] for _ in range(N)])
