@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .candidates import build_implementation, check_rows, implementation_plan
+from .candidates import base_layer, build_implementation, check_rows, implementation_plan
 from .cases import Case, ModelSpec, work
 from .timing import (LoadWindow, RoundRobin, Timed, ceiling_candidates, ceilings_from, memory_method, paired_ratio,
                      summarize)
@@ -43,8 +43,6 @@ class BenchState:
                 del cache[key]
 
     def base(self, spec: ModelSpec, d: int, dtype: torch.dtype, seed: int):
-        from .candidates import base_layer
-
         key = (spec, d, dtype)
         if key not in self.bases:
             self.bases[key] = base_layer(spec, d, dtype, self.device, seed)
@@ -97,33 +95,28 @@ def _baselines(case: Case, labels: dict) -> dict:
             if meta["impl"] in flat_of and models_of[meta["impl"]] > 1}
 
 
-def run_case(case: Case, benchmark, state: BenchState) -> dict:
-    device, dtype = state.device, case.dtype
-    seed = case_seed(case)
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(case.N, case.d, generator=gen).to(device=device, dtype=dtype)
-    state.keep_only({(spec, case.d, dtype) for spec in case.models})
-    load = LoadWindow()
+def _candidates(case: Case, state: BenchState, x: torch.Tensor, seed: int) -> tuple[list, dict, dict]:
+    """The case's timed calls, each one's description (label -> meta) and what was skipped and why."""
     element_size = x.element_size()
     top = case.models[0]
-    top_base = state.base(top, case.d, dtype, seed)
-    W_enc, b_enc, b_dec = (top_base.W_enc.detach().clone(), top_base.b_enc.detach(), top_base.b_dec.detach())
+    top_base = state.base(top, case.d, case.dtype, seed)
+    W_enc, b_enc, b_dec = top_base.W_enc.detach().clone(), top_base.b_enc.detach(), top_base.b_dec.detach()
+    floor_work = work("encode", _flat_like(top), case.N, case.d, element_size)
     timed = [Timed(FLOOR, lambda _: x @ W_enc.T)]
-    labels = {FLOOR: {"impl": "torch.matmul", "model": "flat", "flat": True, "work": work("encode", _flat_like(top), case.N, case.d, element_size)}}
+    labels = {FLOOR: {"impl": "torch.matmul", "model": "flat", "flat": True, "work": floor_work}}
     if case.op == "encode":
         def dense_encode(_):
             return torch.relu(((x - b_dec) @ W_enc.T + b_enc).topk(top.k_total, dim=1).values)
         timed.append(Timed(DENSE_ENCODE, dense_encode))
-        labels[DENSE_ENCODE] = {"impl": "torch.matmul+topk", "model": "flat", "flat": True,
-                                "work": labels[FLOOR]["work"]}
+        labels[DENSE_ENCODE] = {"impl": "torch.matmul+topk", "model": "flat", "flat": True, "work": floor_work}
     skipped = {}
     for spec in case.models:
-        for name, reason in implementation_plan(spec, device, case.reference, case.peers):
+        for name, reason in implementation_plan(spec, state.device, case.reference, case.peers):
             label = name if len(case.models) == 1 else f"{name} [{spec.label}]"
             if reason:
                 skipped[label] = reason
                 continue
-            impl = state.implementation(name, spec, case.d, dtype, x, seed)
+            impl = state.implementation(name, spec, case.d, case.dtype, x, seed)
             if case.op == "encode" and impl.encode_unavailable:
                 skipped[label] = impl.encode_unavailable
                 continue
@@ -131,9 +124,14 @@ def run_case(case: Case, benchmark, state: BenchState) -> dict:
             labels[label] = {"impl": name, "model": spec.label, "flat": spec.flat, "level_sizes": list(spec.level_sizes),
                              "k": list(spec.k), "selection": spec.selection,
                              "work": work(case.op, spec, case.N, case.d, element_size)}
+    return timed, labels, skipped
 
-    ceiling_timed, ceiling_work = ceiling_candidates(device, dtype)
-    timer = RoundRobin(timed + ceiling_timed, device, warmup=state.warmup)
+
+def _time(case: Case, state: BenchState, timed: list, benchmark) -> tuple[RoundRobin, int, dict]:
+    """Warm up (the last warmup round measures memory), size the rounds to the budget, then let
+    pytest-benchmark drive them. Returns the timer, the rounds run and the ceilings of those rounds."""
+    ceiling_timed, ceiling_work = ceiling_candidates(state.device, case.dtype)
+    timer = RoundRobin(timed + ceiling_timed, state.device, warmup=state.warmup)
     started = time.perf_counter()
     for _ in range(state.warmup):
         timer()
@@ -142,27 +140,39 @@ def run_case(case: Case, benchmark, state: BenchState) -> dict:
         seconds_per_round = (time.perf_counter() - started) / state.warmup
         rounds = max(MIN_ROUNDS, min(rounds, int(state.budget_s / seconds_per_round)))
     benchmark.pedantic(timer, rounds=rounds, warmup_rounds=0, iterations=1)
-    peaks = timer.peak_bytes
-    ceilings = ceilings_from(timer.samples, ceiling_work)
+    return timer, rounds, ceilings_from(timer.samples, ceiling_work)
+
+
+def run_case(case: Case, benchmark, state: BenchState) -> dict:
+    device, dtype = state.device, case.dtype
+    seed = case_seed(case)
+    x = torch.randn(case.N, case.d, generator=torch.Generator().manual_seed(seed)).to(device=device, dtype=dtype)
+    state.keep_only({(spec, case.d, dtype) for spec in case.models})
+    load = LoadWindow()
+    timed, labels, skipped = _candidates(case, state, x, seed)
+    timer, rounds, ceilings = _time(case, state, timed, benchmark)
     # The encoder GEMM is a large matmul timed in the same rounds too; where it runs faster than the
     # square one (small square shapes on CPU), it is the better ceiling.
     floor_tflops = labels[FLOOR]["work"]["flops"] / statistics.median(timer.samples[FLOOR]) / 1e12
     if floor_tflops > ceilings["matmul_tflops"]:
-        ceilings.update(matmul_tflops=floor_tflops, matmul_shape=f"the encoder GEMM {case.N}x{case.d}x{top.dict_size}")
+        ceilings.update(matmul_tflops=floor_tflops,
+                        matmul_shape=f"the encoder GEMM {case.N}x{case.d}x{case.models[0].dict_size}")
     baselines = _baselines(case, labels)
     results = {}
     for label, meta in labels.items():
         samples = timer.samples[label]
-        stats = summarize(samples)
-        seconds = stats["median_ms"] / 1e3
-        entry = dict(meta, **stats)
-        entry["tokens_per_s"] = case.N / seconds
-        entry["peak_mem_mb"] = None if peaks[label] is None else peaks[label] / 2**20
-        entry["tflops"] = meta["work"]["flops"] / seconds / 1e12
-        entry["gbps"] = meta["work"]["bytes"] / seconds / 1e9
+        entry = dict(meta, **summarize(samples))
+        seconds = entry["median_ms"] / 1e3
+        peak = timer.peak_bytes[label]
+        entry.update(
+            tokens_per_s=case.N / seconds,
+            peak_mem_mb=None if peak is None else peak / 2**20,
+            tflops=meta["work"]["flops"] / seconds / 1e12,
+            gbps=meta["work"]["bytes"] / seconds / 1e9,
+            time_vs_floor=paired_ratio(samples, timer.samples[FLOOR]),
+        )
         entry["tflops_of_ceiling"] = entry["tflops"] / ceilings["matmul_tflops"]
         entry["gbps_of_ceiling"] = entry["gbps"] / ceilings["copy_gbps"]
-        entry["time_vs_floor"] = paired_ratio(samples, timer.samples[FLOOR])
         if label in baselines and baselines[label] in timer.samples:
             entry["baseline"] = baselines[label]
             entry["speedup_vs_baseline"] = paired_ratio(timer.samples[baselines[label]], samples)
@@ -170,9 +180,10 @@ def run_case(case: Case, benchmark, state: BenchState) -> dict:
     info = {
         "case": case.name, "group": case.group, "op": case.op, "N": case.N, "d": case.d,
         "F": max(spec.dict_size for spec in case.models), "sweep_axis": case.sweep_axis,
-        "dtype": str(dtype).replace("torch.", ""), "device": str(device), "rounds": rounds, "warmup": state.warmup, "budget_s": state.budget_s,
-        "order": "round-robin, start rotated each round", "memory_method": memory_method(device),
-        "ceilings": ceilings, "candidates": results, "skipped": skipped, **load.close(),
+        "dtype": str(dtype).replace("torch.", ""), "device": str(device), "rounds": rounds,
+        "warmup": state.warmup, "budget_s": state.budget_s, "order": "round-robin, start rotated each round",
+        "memory_method": memory_method(device), "ceilings": ceilings, "candidates": results, "skipped": skipped,
+        **load.close(),
     }
     benchmark.extra_info.update(info)
     return info
