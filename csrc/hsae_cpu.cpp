@@ -31,6 +31,8 @@
 #else
 #define HSAE_VECTOR_CLONES
 #endif
+// Helpers of the cloned loops are inlined into each clone, so they are compiled for its ISA too.
+#define HSAE_INLINE inline __attribute__((always_inline))
 
 namespace hsae_cpu {
 namespace {
@@ -44,8 +46,8 @@ constexpr int64_t kLanes = 16;
 
 // ------------------------------------------------------------------------------------ vector kernels
 // Weight rows are float or bfloat16; `load` widens one element to float (bfloat16: the top 16 bits).
-inline float load(const float* p, int64_t i) { return p[i]; }
-inline float load(const BFloat16* p, int64_t i) {
+HSAE_INLINE float load(const float* p, int64_t i) { return p[i]; }
+HSAE_INLINE float load(const BFloat16* p, int64_t i) {
   uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
   float out;
   std::memcpy(&out, &bits, sizeof(out));
@@ -54,7 +56,7 @@ inline float load(const BFloat16* p, int64_t i) {
 
 // Sums in kLanes independent partial sums, then adds those in a fixed order: vectorizes without
 // reassociation flags and gives the same bits on every machine width.
-inline float reduce_lanes(const float* acc) {
+HSAE_INLINE float reduce_lanes(const float* acc) {
   float s = 0.f;
   for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
   return s;
@@ -62,7 +64,7 @@ inline float reduce_lanes(const float* acc) {
 
 // out[c] = <x, W[rows[c]]> for c < count (rows: global feature ids). Four rows share each load of x.
 template <typename W_t>
-inline void dot_rows_impl(const float* x, const W_t* W, int64_t d, const int64_t* rows, int64_t count, float* out) {
+HSAE_INLINE void dot_rows_impl(const float* x, const W_t* W, int64_t d, const int64_t* rows, int64_t count, float* out) {
   int64_t c = 0;
   for (; c + 4 <= count; c += 4) {
     const W_t* w0 = W + rows[c] * d;
@@ -104,7 +106,7 @@ inline void dot_rows_impl(const float* x, const W_t* W, int64_t d, const int64_t
 
 // y += alpha * w (w: one weight row or one float row).
 template <typename W_t>
-inline void axpy_impl(float* y, float alpha, const W_t* w, int64_t d) {
+HSAE_INLINE void axpy_impl(float* y, float alpha, const W_t* w, int64_t d) {
   for (int64_t i = 0; i < d; ++i) y[i] += alpha * load(w, i);
 }
 
@@ -121,9 +123,12 @@ HSAE_VECTOR_CLONES void widen_rows(const BFloat16* src, float* dst, int64_t coun
   for (int64_t i = 0; i < count; ++i) dst[i] = load(src, i);
 }
 
-// One weight row as floats (a copy for float32 too: callers then read one layout).
-inline void widen_row(const float* src, float* dst, int64_t d) { std::copy(src, src + d, dst); }
-inline void widen_row(const BFloat16* src, float* dst, int64_t d) { widen_rows(src, dst, d); }
+// `count` weights as floats: float32 ones are used in place, bfloat16 ones widened into `buffer`.
+inline const float* as_floats(const float* src, float* /*buffer*/, int64_t /*count*/) { return src; }
+inline const float* as_floats(const BFloat16* src, float* buffer, int64_t count) {
+  widen_rows(src, buffer, count);
+  return buffer;
+}
 
 // ------------------------------------------------------------------------------------ running top-k
 // Candidates scoring above a row's current threshold are appended to a buffer (a vector compress
@@ -169,7 +174,6 @@ __attribute__((target("avx512f"))) int64_t append_above_avx512(const float* scor
     __m512 v = _mm512_loadu_ps(scores + j);
     if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + j));
     const __mmask16 pass = _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ);
-    if (!pass) continue;
     _mm512_storeu_ps(out_score + count, _mm512_maskz_compress_ps(pass, v));
     _mm512_storeu_si512(out_key + count, _mm512_maskz_compress_epi32(pass, keys));
     count += __builtin_popcount(pass);
@@ -458,13 +462,7 @@ void encode_dense_impl(const EncodeArgs& a) {
       const Tensor x_blk = at::from_blob(const_cast<float*>(xc + r0 * d), {rows, d}, at::kFloat);
       for (int64_t t = tile0; t < tile1; ++t) {
         const int64_t f0 = t * kDenseTile, T = std::min(kDenseTile, Fl - f0);
-        const float* w_rows;
-        if constexpr (std::is_same<W_t, float>::value) {
-          w_rows = W + f0 * d;
-        } else {
-          widen_rows(W + f0 * d, w_tile.data(), T * d);
-          w_rows = w_tile.data();
-        }
+        const float* w_rows = as_floats(W + f0 * d, w_tile.data(), T * d);
         Tensor s_blk = at::from_blob(tile.data(), {rows, T}, at::kFloat);
         at::mm_out(s_blk, x_blk, at::from_blob(const_cast<float*>(w_rows), {T, d}, at::kFloat).t());
         for (int64_t r = 0; r < rows; ++r) {
@@ -728,9 +726,8 @@ void decode_backward_impl(const DecodeGrads& a) {
             const int64_t e = groups.entry[first + i];
             rows[i] = (a.prefixes ? level[e % K] * N : 0) + e / K;
           }
-          widen_row(W + f * d, w_row.data(), d);
           row_dots.resize(count);
-          dot_rows(w_row.data(), g_levels, d, rows.data(), count, row_dots.data());
+          dot_rows(as_floats(W + f * d, w_row.data(), d), g_levels, d, rows.data(), count, row_dots.data());
           for (int64_t i = 0; i < count; ++i) dots[groups.entry[first + i]] = row_dots[i];
         }
         for (int64_t i = 0; out_row && i < count; ++i) {
