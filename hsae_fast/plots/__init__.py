@@ -15,7 +15,7 @@ HEATMAP_TOKENS = 64
 
 def make_all(run_dir, others: Sequence = (), tokens: Optional[int] = None, device: str = "cpu", progress: bool = False) -> list[Path]:
     """Write every figure; returns their paths. `others`: more run directories whose training logs
-    share the progression figure. The path graph reads RUN_DIR/analysis.json, running `hsae
+    share the progression figure (RUN_DIR/flat, the matched flat baseline, joins by itself). The path graph reads RUN_DIR/analysis.json, running `hsae
     analyze` first (on `tokens` held-out tokens) when it is absent or older than the checkpoint."""
     from ..analysis import analyze_run
     from ..eval.runs import EvalData, load_run
@@ -24,7 +24,8 @@ def make_all(run_dir, others: Sequence = (), tokens: Optional[int] = None, devic
     directory = run.directory
     written = []
     logs = {directory.name: run.metrics_log()}
-    for other in others:
+    baseline = directory / "flat"  # the matched flat SAE `hsae train --baseline flat` writes
+    for other in [*others, *([baseline] if (baseline / "final").is_dir() else [])]:
         logs[Path(other).name] = load_run(other).metrics_log()
     if any(logs.values()):
         written.append(training_progression(logs, directory / "training_progression.png"))

@@ -23,6 +23,8 @@ def _pyplot():
 
 
 def level_name(level: int, num_levels: int) -> str:
+    if num_levels == 1:
+        return "flat SAE"
     tag = " (top)" if level == num_levels - 1 else " (bottom)" if level == 0 and num_levels > 1 else ""
     return f"level {level}{tag}"
 
@@ -56,8 +58,11 @@ def training_progression(logs: dict, out: Path) -> Path:
     axes[2].set_title("dead features per level")
     axes[2].set_ylabel("fraction of unpruned features dead")
     axes[2].set_ylim(-0.02, 1.02)
+    from matplotlib.ticker import EngFormatter
+
     for ax in axes:
         ax.set_xlabel("training tokens")
+        ax.xaxis.set_major_formatter(EngFormatter(sep=""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("training progression: " + ", ".join(logs))
@@ -168,14 +173,16 @@ def level_activations(codes: list, level_sizes: Sequence[int], out: Path, max_fe
             if j is not None:
                 grid[int(t), j] = float(vals[t, s])
         ax = axes[row, 0]
-        image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="magma")
+        # A few very large activations would leave everything else black: clip the scale at the 99th percentile.
+        vmax = float(np.percentile(grid[grid > 0], 99)) if (grid > 0).any() else 1.0
+        image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="magma", vmin=0, vmax=vmax)
         l0 = float(on.sum()) / max(n, 1)
         ax.set_title(f"{level_name(l, L)}: {level_sizes[l]} features, {len(firing)} fire in this sample, "
                      f"mean L0 {l0:.2f} per token", fontsize=10)
         ax.set_ylabel("sample (token)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(f"feature (the {len(column)} most frequent in the sample; ids {offsets[l]}..{offsets[l + 1] - 1})")
-        fig.colorbar(image, ax=ax, label="activation")
+        fig.colorbar(image, ax=ax, label="activation (clipped at 99th pct)", extend="max")
     fig.suptitle("level activations: fewer features fire per token toward the top")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
