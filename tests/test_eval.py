@@ -179,6 +179,12 @@ def test_splicing_the_activation_itself_changes_nothing(lm_model_run):
     assert got["ce_loss_with_sae"] == pytest.approx(got["ce_loss_without_sae"], rel=1e-5)
     assert abs(got["kl_div_with_sae"]) < 1e-5 and got["kl_div_score"] == pytest.approx(1.0, abs=1e-5)
     assert got["kl_div_with_ablation"] > 1e-3 and got["ce_positions"] == int(scored.sum())
+    # Splicing in zeros is the ablation: the splice acts, and on exactly the ablated positions.
+    zeros = ModelPreservation()
+    zeros.update(model, HOOK_LAYER, rows, special, logits, torch.zeros_like(hidden[~special]))
+    spliced_zeros = zeros.results()
+    assert spliced_zeros["ce_loss_with_sae"] == pytest.approx(got["ce_loss_with_ablation"], rel=1e-6)
+    assert spliced_zeros["kl_div_with_sae"] == pytest.approx(got["kl_div_with_ablation"], rel=1e-5)
 
 
 def test_eval_of_an_lm_run_writes_metrics_and_contexts(lm_model_run):
