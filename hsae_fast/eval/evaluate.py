@@ -183,7 +183,7 @@ def write_top_contexts(run: Run, data: EvalData, stats: CodeStats, features_per_
 
 def _md(text: str) -> str:
     """One-line, Markdown-inert text."""
-    text = html.escape(text.replace("\n", "⏎").replace("\r", ""))
+    text = html.escape(text.replace("\n", "⏎").replace("\r", ""), quote=False)
     for ch in "*_`[]|#":
         text = text.replace(ch, "\\" + ch)
     return text
