@@ -128,3 +128,14 @@ def test_shard_source_reads_activations_from_every_shard(tmp_path):
 def test_open_source_rejects_unknown_data(tmp_path):
     with pytest.raises(ValueError, match="expected 'synthetic'"):
         open_source(str(tmp_path / "missing.npy"))
+
+
+def test_a_model_seeded_like_the_data_does_not_start_from_the_truth():
+    source = SyntheticHierarchy(seed=0)
+    torch.manual_seed(0)
+    layer = HSAELayer(HSAEConfig(d_model=128, level_sizes=(128, 32, 8), k=(8, 4, 2)))
+    cos = torch.nn.functional.normalize(source.truth.directions, dim=1) @ layer.W_dec.detach().T
+    assert cos.abs().max() < 0.6
+    first = next(source.batches(64, seed=0))
+    torch.manual_seed(0)
+    assert not torch.allclose(first, torch.rand(64, 128))

@@ -97,6 +97,15 @@ def _tree_parent(level_sizes: Sequence[int]) -> torch.Tensor:
     return torch.cat(parts)
 
 
+# Salts keep the generator's random streams apart from each other and from a model's own
+# initialization: a model seeded with 0 must not start from the true directions of seed 0.
+_TRUTH_SALT, _BATCH_SALT, _SAMPLE_SALT, _EVAL_SALT = 0x7A3B_11, 0x51C0_2D, 0x2E77_A9, 0x6F0D_35
+
+
+def _salted(seed: int, salt: int, index: int = 0) -> int:
+    return (int(seed) * 0x9E3779B1 + salt * 0x1000003 + index) % (1 << 62)
+
+
 class SyntheticHierarchy:
     """The generator; also an `ActivationSource` (d_model, batches, sample)."""
 
@@ -107,7 +116,7 @@ class SyntheticHierarchy:
 
     def _make_truth(self) -> GroundTruth:
         c = self.cfg
-        gen = torch.Generator().manual_seed(c.seed)
+        gen = torch.Generator().manual_seed(_salted(c.seed, _TRUTH_SALT))
         parent = _tree_parent(c.level_sizes)
         F = sum(c.level_sizes)
         directions = torch.zeros(F, c.d_model)
@@ -149,12 +158,12 @@ class SyntheticHierarchy:
         """Batch i is generated from the seed (seed, i): an endless, resumable stream."""
         i = start
         while True:
-            gen = torch.Generator().manual_seed((int(seed) * 0x9E3779B1 + i) % (1 << 62))
+            gen = torch.Generator().manual_seed(_salted(seed, _BATCH_SALT, i))
             yield self.generate(batch_size, gen)
             i += 1
 
     def sample(self, n: int, seed: int = 0) -> torch.Tensor:
-        return self.generate(n, torch.Generator().manual_seed(10_000_019 + int(seed)))
+        return self.generate(n, torch.Generator().manual_seed(_salted(seed, _SAMPLE_SALT)))
 
     def describe(self) -> str:
         return f"synthetic hierarchy {self.cfg.to_dict()}"
@@ -234,7 +243,7 @@ def score_model(layer, source: SyntheticHierarchy, n_tokens: int = 8192, batch_s
     truth, cfg = source.truth, layer.cfg
     was_training = layer.training
     layer.eval()
-    x = source.generate(n_tokens, torch.Generator().manual_seed(20_000_003 + source.cfg.seed)).to(
+    x = source.generate(n_tokens, torch.Generator().manual_seed(_salted(source.cfg.seed, _EVAL_SALT))).to(
         device=layer.W_dec.device, dtype=layer.W_dec.dtype)
     rows = (W_dec if W_dec is not None else layer.W_dec).detach().cpu()
     mask = layer.path_mask.cpu()
