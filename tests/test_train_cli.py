@@ -118,3 +118,13 @@ def test_default_model_for_any_width_is_valid():
 
     for d in (1, 7, 576, 640):
         assert resolve_model_config({}, d, TrainConfig(data="acts.npy")).level_sizes == (16 * d, 4 * d, d)
+
+
+def test_a_diverged_run_exits_with_the_reason(tmp_path, capsys):
+    data = np.random.default_rng(0).normal(size=(256, 12)).astype(np.float32) * 1e25
+    np.save(tmp_path / "huge.npy", data)
+    code = main(["train", "--data", str(tmp_path / "huge.npy"), "--out", str(tmp_path / "run"), "--level-sizes",
+                 "12,6,3", "--k", "3,2,1", "--tokens", "128", "--batch-size", "64", "--progress", "false",
+                 "--b-dec-init", "zero"])
+    assert code == 3
+    assert "loss is not finite at step 0" in capsys.readouterr().err

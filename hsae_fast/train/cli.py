@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 
 from .config import load_config_file, parse_field_flags, split_fields
+from .trainer import TrainingDiverged
 
 
 def add_arguments(parser) -> None:
@@ -47,4 +48,7 @@ def run(args) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"hsae train: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingDiverged as exc:
+        print(f"hsae train: stopped: {exc}", file=sys.stderr)
+        return 3
     return 0
