@@ -104,10 +104,24 @@ HSAE_INLINE void dot_rows_impl(const float* x, const W_t* W, int64_t d, const in
   }
 }
 
-// y += alpha * w (w: one weight row or one float row).
+// y += sum_c alpha[c] * W[rows[c]] (rows of a (*, d) matrix). Four rows per pass over y: a quarter
+// of the loads and stores of y, and four independent streams of rows in flight.
 template <typename W_t>
-HSAE_INLINE void axpy_impl(float* y, float alpha, const W_t* w, int64_t d) {
-  for (int64_t i = 0; i < d; ++i) y[i] += alpha * load(w, i);
+HSAE_INLINE void axpy_rows_impl(float* y, const float* alpha, const W_t* W, int64_t d, const int64_t* rows,
+                                int64_t count) {
+  int64_t c = 0;
+  for (; c + 4 <= count; c += 4) {
+    const W_t* w0 = W + rows[c] * d;
+    const W_t* w1 = W + rows[c + 1] * d;
+    const W_t* w2 = W + rows[c + 2] * d;
+    const W_t* w3 = W + rows[c + 3] * d;
+    const float a0 = alpha[c], a1 = alpha[c + 1], a2 = alpha[c + 2], a3 = alpha[c + 3];
+    for (int64_t i = 0; i < d; ++i) y[i] += a0 * load(w0, i) + a1 * load(w1, i) + a2 * load(w2, i) + a3 * load(w3, i);
+  }
+  for (; c < count; ++c) {
+    const W_t* w = W + rows[c] * d;
+    for (int64_t i = 0; i < d; ++i) y[i] += alpha[c] * load(w, i);
+  }
 }
 
 HSAE_VECTOR_CLONES void dot_rows(const float* x, const float* W, int64_t d, const int64_t* rows, int64_t n, float* out) {
@@ -116,8 +130,25 @@ HSAE_VECTOR_CLONES void dot_rows(const float* x, const float* W, int64_t d, cons
 HSAE_VECTOR_CLONES void dot_rows(const float* x, const BFloat16* W, int64_t d, const int64_t* rows, int64_t n, float* out) {
   dot_rows_impl(x, W, d, rows, n, out);
 }
-HSAE_VECTOR_CLONES void axpy(float* y, float alpha, const float* w, int64_t d) { axpy_impl(y, alpha, w, d); }
-HSAE_VECTOR_CLONES void axpy(float* y, float alpha, const BFloat16* w, int64_t d) { axpy_impl(y, alpha, w, d); }
+HSAE_VECTOR_CLONES void axpy_rows(float* y, const float* alpha, const float* W, int64_t d, const int64_t* rows, int64_t n) {
+  axpy_rows_impl(y, alpha, W, d, rows, n);
+}
+HSAE_VECTOR_CLONES void axpy_rows(float* y, const float* alpha, const BFloat16* W, int64_t d, const int64_t* rows,
+                                  int64_t n) {
+  axpy_rows_impl(y, alpha, W, d, rows, n);
+}
+
+// The (row, weight) terms of one weighted sum of rows, gathered before one axpy_rows call.
+struct RowTerms {
+  std::vector<int64_t> rows;
+  std::vector<float> alpha;
+  void clear() { rows.clear(), alpha.clear(); }
+  void add(int64_t row, float a) { rows.push_back(row), alpha.push_back(a); }
+  template <typename W_t>
+  void accumulate_into(float* y, const W_t* W, int64_t d) const {
+    axpy_rows(y, alpha.data(), W, d, rows.data(), static_cast<int64_t>(rows.size()));
+  }
+};
 
 HSAE_VECTOR_CLONES void widen_rows(const BFloat16* src, float* dst, int64_t count) {
   for (int64_t i = 0; i < count; ++i) dst[i] = load(src, i);
@@ -314,14 +345,19 @@ FeatureGroups group_by_feature(const int64_t* idx, int64_t entries, int64_t F, K
   return g;
 }
 
-// Runs body(f_begin, f_end) over feature ranges of about equal work (entries + one row write each),
-// so a few popular features (the top level) do not leave one thread with most of the sums.
-template <typename Body>
-void for_feature_ranges(const FeatureGroups& g, int64_t F, const Body& body) {
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(F, 8 * at::get_num_threads()));
-  const double per_task = double(g.start[F] + F) / double(tasks);
+// One parallel region for the two kinds of work of a backward: feature_body(f0, f1) over feature
+// ranges of about equal work (entries + one row write each, so a few popular top-level features
+// do not leave one thread with most of the sums) and row_body(r0, r1) over fixed chunks of
+// kReduceRows rows. The two kinds are interleaved so a static split gives every thread its share
+// of both; one region, not two, because each barrier costs a time slice on a loaded machine.
+template <typename FeatureBody, typename RowBody>
+void for_features_and_rows(const FeatureGroups& g, int64_t F, const FeatureBody& feature_body, int64_t rows,
+                           const RowBody& row_body) {
+  const int64_t feature_tasks = std::max<int64_t>(1, std::min<int64_t>(F, 8 * at::get_num_threads()));
+  const int64_t row_tasks = (rows + kReduceRows - 1) / kReduceRows;
+  const double per_task = double(g.start[F] + F) / double(feature_tasks);
   auto boundary = [&](int64_t t) -> int64_t {
-    if (t >= tasks) return F;
+    if (t >= feature_tasks) return F;
     const double target = per_task * double(t);
     int64_t lo = 0, hi = F;  // first f with start[f] + f >= target
     while (lo < hi) {
@@ -330,8 +366,22 @@ void for_feature_ranges(const FeatureGroups& g, int64_t F, const Body& body) {
     }
     return lo;
   };
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) body(boundary(t), boundary(t + 1));
+  // Task t is feature task i or row task j, merged in order of (i + 1/2) / feature_tasks and
+  // (j + 1/2) / row_tasks; a negative entry -1 - j stands for row task j.
+  std::vector<int64_t> order;
+  for (int64_t i = 0, j = 0; i < feature_tasks || j < row_tasks;) {
+    const bool feature_next = j >= row_tasks || (i < feature_tasks && (2 * i + 1) * row_tasks <= (2 * j + 1) * feature_tasks);
+    order.push_back(feature_next ? i++ : -1 - j++);
+  }
+  at::parallel_for(0, static_cast<int64_t>(order.size()), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      if (order[t] >= 0) {
+        feature_body(boundary(order[t]), boundary(order[t] + 1));
+      } else {
+        const int64_t r0 = (-1 - order[t]) * kReduceRows;
+        row_body(r0, std::min(rows, r0 + kReduceRows));
+      }
+    }
   });
 }
 
@@ -426,13 +476,27 @@ void encode_dense_impl(const EncodeArgs& a) {
   const int64_t row_blocks = (N + kDenseRows - 1) / kDenseRows;
   const int64_t tiles = (Fl + kDenseTile - 1) / kDenseTile;
   const int64_t splits = std::min(tiles, std::max<int64_t>(1, at::get_num_threads() / row_blocks));
-  // The best K of every (row, feature split), best first, merged per row at the end.
+  // The best K of every (row, feature split), best first; a row is written once all its splits are in.
   std::vector<std::vector<Candidate>> parts(N * splits);
   const int64_t capacity = TopKBuffer::capacity_for(K);
+  int64_t* out_idx = a.idx.data_ptr<int64_t>();
+  float* out_score = a.scores.data_ptr<float>();
+  int64_t* out_slot = a.parent_slot.data_ptr<int64_t>();
+  const int64_t* parent = a.parent.data_ptr<int64_t>();
+  auto write_row = [&](int64_t n) {
+    std::vector<Candidate>& best = parts[n * splits];
+    for (int64_t p = n * splits + 1; p < (n + 1) * splits; ++p) best.insert(best.end(), parts[p].begin(), parts[p].end());
+    if (splits > 1) {  // the union's best K under the strict (score, key) order
+      std::sort(best.begin(), best.end(), better);
+      best.resize(std::min<size_t>(best.size(), K));
+    }
+    write_dense_row(best, n, K, lo, parent, pidx, pvals, kp, out_idx, out_score, out_slot);
+  };
 
   at::parallel_for(0, row_blocks * splits, 1, [&](int64_t task0, int64_t task1) {
     SingleThreadedBlas blas_on_this_thread;
-    std::vector<float> tile(kDenseRows * kDenseTile);
+    const Tensor tile_buffer = at::empty({kDenseRows, kDenseTile}, at::kFloat);  // 64-byte aligned
+    float* tile = tile_buffer.data_ptr<float>();
     std::vector<float> w_tile(std::is_same<W_t, float>::value ? 0 : kDenseTile * d);
     // Per row of the block, the (local feature, edge_weight * parent value) pairs of its active
     // parents' children, sorted by feature so each tile consumes a contiguous run.
@@ -463,10 +527,10 @@ void encode_dense_impl(const EncodeArgs& a) {
       for (int64_t t = tile0; t < tile1; ++t) {
         const int64_t f0 = t * kDenseTile, T = std::min(kDenseTile, Fl - f0);
         const float* w_rows = as_floats(W + f0 * d, w_tile.data(), T * d);
-        Tensor s_blk = at::from_blob(tile.data(), {rows, T}, at::kFloat);
+        Tensor s_blk = at::from_blob(tile, {rows, T}, at::kFloat);
         at::mm_out(s_blk, x_blk, at::from_blob(const_cast<float*>(w_rows), {T, d}, at::kFloat).t());
         for (int64_t r = 0; r < rows; ++r) {
-          float* srow = tile.data() + r * T;
+          float* srow = tile + r * T;
           if (use_edges) {
             size_t& i = cursor[r];
             for (; i < bonus[r].size() && bonus[r][i].first < f0 + T; ++i)
@@ -475,25 +539,17 @@ void encode_dense_impl(const EncodeArgs& a) {
           tops[r].offer(srow, bias.data() + f0, T, static_cast<int32_t>(f0));
         }
       }
-      for (int64_t r = 0; r < rows; ++r) tops[r].finish(parts[(r0 + r) * splits + split]);
-    }
-  });
-
-  int64_t* out_idx = a.idx.data_ptr<int64_t>();
-  float* out_score = a.scores.data_ptr<float>();
-  int64_t* out_slot = a.parent_slot.data_ptr<int64_t>();
-  const int64_t* parent = a.parent.data_ptr<int64_t>();
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      std::vector<Candidate>& best = parts[n * splits];
-      for (int64_t p = n * splits + 1; p < (n + 1) * splits; ++p) best.insert(best.end(), parts[p].begin(), parts[p].end());
-      if (splits > 1) {  // the union's best K under the strict (score, key) order
-        std::sort(best.begin(), best.end(), better);
-        best.resize(std::min<size_t>(best.size(), K));
+      for (int64_t r = 0; r < rows; ++r) {
+        tops[r].finish(parts[(r0 + r) * splits + split]);
+        if (splits == 1) write_row(r0 + r);
       }
-      write_dense_row(best, n, K, lo, parent, pidx, pvals, kp, out_idx, out_score, out_slot);
     }
   });
+  if (splits > 1) {
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) write_row(n);
+    });
+  }
 }
 
 // ------------------------------------------------------------------------------------ routed encode
@@ -597,35 +653,43 @@ void encode_backward_impl(const EncodeGrads& a) {
     const int64_t s = slot[e];
     return s >= 0 ? pvals[(e / K) * kp + s] : 0.f;
   };
-  for_feature_ranges(groups, F, [&](int64_t f0, int64_t f1) {
+  auto per_feature = [&](int64_t f0, int64_t f1) {
+    RowTerms terms;  // g_W_enc[f] = sum over f's slots of g * xc[n]
     for (int64_t f = f0; f < f1; ++f) {
-      float* row = g_W ? g_W + f * d : nullptr;
-      if (row) std::fill(row, row + d, 0.f);
+      terms.clear();
       float sum_g = 0.f, sum_edge = 0.f;
       for (int64_t i = groups.start[f]; i < groups.start[f + 1]; ++i) {
         const int64_t e = groups.entry[i];
         sum_g += g[e];
         if (g_edge) sum_edge += g[e] * parent_val(e);
-        if (row) axpy(row, g[e], xc + (e / K) * d, d);
+        terms.add(e / K, g[e]);
+      }
+      if (g_W) {
+        std::fill(g_W + f * d, g_W + (f + 1) * d, 0.f);
+        terms.accumulate_into(g_W + f * d, xc, d);
       }
       g_b[f] = sum_g;
       if (g_edge) g_edge[f] = sum_edge;
     }
-  });
-  if (g_xc || g_parent) {
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) {
-        if (g_xc) std::fill(g_xc + n * d, g_xc + (n + 1) * d, 0.f);
-        if (g_parent) std::fill(g_parent + n * kp, g_parent + (n + 1) * kp, 0.f);
-        for (int64_t j = 0; j < K; ++j) {
-          const int64_t e = n * K + j;
-          if (g[e] == 0.f) continue;
-          if (g_xc) axpy(g_xc + n * d, g[e], W + idx[e] * d, d);
-          if (g_parent && slot[e] >= 0) g_parent[n * kp + slot[e]] += g[e] * edge[idx[e]];
-        }
+  };
+  auto per_token = [&](int64_t n0, int64_t n1) {
+    RowTerms terms;  // g_xc[n] = sum over n's kept slots of g * W_enc[idx]
+    for (int64_t n = n0; n < n1; ++n) {
+      terms.clear();
+      if (g_parent) std::fill(g_parent + n * kp, g_parent + (n + 1) * kp, 0.f);
+      for (int64_t j = 0; j < K; ++j) {
+        const int64_t e = n * K + j;
+        if (g[e] == 0.f) continue;
+        terms.add(idx[e], g[e]);
+        if (g_parent && slot[e] >= 0) g_parent[n * kp + slot[e]] += g[e] * edge[idx[e]];
       }
-    });
-  }
+      if (g_xc) {
+        std::fill(g_xc + n * d, g_xc + (n + 1) * d, 0.f);
+        terms.accumulate_into(g_xc + n * d, W, d);
+      }
+    }
+  };
+  for_features_and_rows(groups, F, per_feature, g_xc || g_parent ? N : 0, per_token);
 }
 
 // ------------------------------------------------------------------------------------ decode
@@ -658,24 +722,25 @@ void decode_forward_impl(const DecodeArgs& a) {
 
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     std::vector<float> sum(d), running(d);
+    RowTerms terms;
     for (int64_t n = n0; n < n1; ++n) {
       if (!a.prefixes) {  // x_hat = b_dec + sum_j gain_l(j) * vals[n, j] * W_dec[idx[n, j]]
+        terms.clear();
+        for (int64_t j = 0; j < K; ++j)
+          if (vals[n * K + j] != 0.f) terms.add(idx[n * K + j], vals[n * K + j] * gain[level[j]]);
         std::fill(sum.begin(), sum.end(), 0.f);
-        for (int64_t j = 0; j < K; ++j) {
-          const float v = vals[n * K + j];
-          if (v != 0.f) axpy(sum.data(), v * gain[level[j]], W + idx[n * K + j] * d, d);
-        }
+        terms.accumulate_into(sum.data(), W, d);
         for (int64_t i = 0; i < d; ++i) out[n * d + i] = static_cast<Out_t>(sum[i] + b_dec[i]);
         continue;
       }
       // P_m = b_dec + sum_{l >= m} gain_l * D_l, built from the top level down.
       std::copy(b_dec, b_dec + d, running.begin());
       for (int64_t l = L - 1; l >= 0; --l) {
+        terms.clear();
+        for (int64_t j = stops[l]; j < stops[l + 1]; ++j)
+          if (vals[n * K + j] != 0.f) terms.add(idx[n * K + j], vals[n * K + j]);
         std::fill(sum.begin(), sum.end(), 0.f);
-        for (int64_t j = stops[l]; j < stops[l + 1]; ++j) {
-          const float v = vals[n * K + j];
-          if (v != 0.f) axpy(sum.data(), v, W + idx[n * K + j] * d, d);
-        }
+        terms.accumulate_into(sum.data(), W, d);
         for (int64_t i = 0; i < d; ++i) running[i] += gain[l] * sum[i];
         Out_t* dst = out + (l * N + n) * d;
         for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<Out_t>(running[i]);
@@ -691,7 +756,6 @@ void decode_backward_impl(const DecodeGrads& a) {
   // g_levels[l]: the gradient reaching level l's decode, (L, N, d) with prefixes (a running sum of
   // the prefixes' gradients, computed by the glue) else the one (N, d) gradient of x_hat.
   const float* g_levels = a.g_levels.data_ptr<float>();
-  const int64_t level_stride = a.prefixes ? N * d : 0;
   const int64_t* idx = a.idx.data_ptr<int64_t>();
   const float* vals = a.vals.data_ptr<float>();
   const W_t* W = a.W_dec.data_ptr<W_t>();
@@ -702,65 +766,61 @@ void decode_backward_impl(const DecodeGrads& a) {
   float* g_gain = a.g_level_gain.data_ptr<float>();
   float* g_b = a.g_b_dec.data_ptr<float>();
   const std::vector<int64_t> level = slot_levels(a.level_widths);
-  auto g_row = [&](int64_t l, int64_t n) { return g_levels + l * level_stride + n * d; };
+  // The row of g_levels, viewed as one (L * N, d) matrix (L = 1 without prefixes), slot e reads.
+  auto g_row_id = [&](int64_t e) { return (a.prefixes ? level[e % K] * N : 0) + e / K; };
 
   // One pass over the slots grouped by feature: W_dec[f] is read once (into L1) for all its slots,
   // each slot's gradient row g_l[n] once for both its dot product (-> g_vals) and, where the value
   // is nonzero, its share of g_W_dec[f] = sum gain_l * vals * g_l[n].
   const bool need_dots = g_vals != nullptr;
   std::vector<float> dots(need_dots ? N * K : 0);
-  if (need_dots || g_W) {
-    const FeatureGroups groups =
-        group_by_feature(idx, N * K, F, [&](int64_t e) { return need_dots || vals[e] != 0.f; });
-    for_feature_ranges(groups, F, [&](int64_t f0, int64_t f1) {
-      std::vector<float> w_row(d), row_dots;
-      std::vector<int64_t> rows;
-      for (int64_t f = f0; f < f1; ++f) {
-        const int64_t first = groups.start[f], count = groups.start[f + 1] - first;
-        float* out_row = g_W ? g_W + f * d : nullptr;
-        if (out_row) std::fill(out_row, out_row + d, 0.f);
-        if (count == 0) continue;
-        if (need_dots) {  // rows of g_levels viewed as one (L * N, d) matrix (L = 1 without prefixes)
-          rows.resize(count);
-          for (int64_t i = 0; i < count; ++i) {
-            const int64_t e = groups.entry[first + i];
-            rows[i] = (a.prefixes ? level[e % K] * N : 0) + e / K;
-          }
-          row_dots.resize(count);
-          dot_rows(as_floats(W + f * d, w_row.data(), d), g_levels, d, rows.data(), count, row_dots.data());
-          for (int64_t i = 0; i < count; ++i) dots[groups.entry[first + i]] = row_dots[i];
-        }
-        for (int64_t i = 0; out_row && i < count; ++i) {
+  const FeatureGroups groups =
+      group_by_feature(idx, N * K, F, [&](int64_t e) { return need_dots || (g_W && vals[e] != 0.f); });
+  auto per_feature = [&](int64_t f0, int64_t f1) {
+    std::vector<float> w_row(d), row_dots;
+    std::vector<int64_t> rows;
+    RowTerms terms;
+    for (int64_t f = f0; f < f1; ++f) {
+      const int64_t first = groups.start[f], count = groups.start[f + 1] - first;
+      float* out_row = g_W ? g_W + f * d : nullptr;
+      if (out_row) std::fill(out_row, out_row + d, 0.f);
+      if (count == 0) continue;
+      if (need_dots) {
+        rows.resize(count);
+        for (int64_t i = 0; i < count; ++i) rows[i] = g_row_id(groups.entry[first + i]);
+        row_dots.resize(count);
+        dot_rows(as_floats(W + f * d, w_row.data(), d), g_levels, d, rows.data(), count, row_dots.data());
+        for (int64_t i = 0; i < count; ++i) {
           const int64_t e = groups.entry[first + i];
-          if (vals[e] != 0.f) axpy(out_row, vals[e] * gain[level[e % K]], g_row(level[e % K], e / K), d);
+          dots[e] = row_dots[i];
+          g_vals[e] = row_dots[i] * gain[level[e % K]];
         }
       }
-    });
-  }
-
-  // Sums over tokens in fixed chunks: g_b_dec (every output row's gradient) and
-  // g_gain[l] = sum vals * <g_l, W_dec[idx]>; then g_vals = gain_l * dot.
+      if (!out_row) continue;
+      terms.clear();
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t e = groups.entry[first + i];
+        if (vals[e] != 0.f) terms.add(g_row_id(e), vals[e] * gain[level[e % K]]);
+      }
+      terms.accumulate_into(out_row, g_levels, d);
+    }
+  };
+  // g_b_dec sums every row of the output's gradient: partial sums over fixed chunks of rows.
   const float* g_out = a.g_out.data_ptr<float>();
   const int64_t out_rows = a.g_out.numel() / std::max<int64_t>(d, 1);
-  const int64_t chunks = std::max<int64_t>(1, (std::max(out_rows, N) + kReduceRows - 1) / kReduceRows);
-  std::vector<float> b_part(chunks * d, 0.f), gain_part(chunks * L, 0.f);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      float* bp = b_part.data() + c * d;
-      for (int64_t r = c * kReduceRows; r < std::min(out_rows, (c + 1) * kReduceRows); ++r)
-        for (int64_t i = 0; i < d; ++i) bp[i] += g_out[r * d + i];
-      for (int64_t e = c * kReduceRows * K; need_dots && e < std::min(N, (c + 1) * kReduceRows) * K; ++e) {
-        g_vals[e] = dots[e] * gain[level[e % K]];
-        gain_part[c * L + level[e % K]] += vals[e] * dots[e];
-      }
-    }
-  });
+  std::vector<float> b_part(((out_rows + kReduceRows - 1) / kReduceRows) * d, 0.f);
+  auto per_row_chunk = [&](int64_t r0, int64_t r1) {
+    float* part = b_part.data() + (r0 / kReduceRows) * d;
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t i = 0; i < d; ++i) part[i] += g_out[r * d + i];
+  };
+  for_features_and_rows(groups, F, per_feature, out_rows, per_row_chunk);
+
   std::fill(g_b, g_b + d, 0.f);
-  std::fill(g_gain, g_gain + L, 0.f);
-  for (int64_t c = 0; c < chunks; ++c) {
-    for (int64_t i = 0; i < d; ++i) g_b[i] += b_part[c * d + i];
-    for (int64_t l = 0; l < L; ++l) g_gain[l] += gain_part[c * L + l];
-  }
+  for (size_t c = 0; c < b_part.size(); c += d)
+    for (int64_t i = 0; i < d; ++i) g_b[i] += b_part[c + i];
+  std::fill(g_gain, g_gain + L, 0.f);  // g_gain[l] = sum vals * <g_l, W_dec[idx]>, in slot order
+  for (int64_t e = 0; need_dots && e < N * K; ++e) g_gain[level[e % K]] += vals[e] * dots[e];
 }
 
 }  // namespace
