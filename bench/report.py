@@ -64,10 +64,11 @@ def machine_lines(data: dict) -> list[str]:
         ("torch", "torch"), ("triton", "triton"), ("eai-sparsify", "eai_sparsify"), ("sae-lens", "sae_lens"),
         ("python", "python")) if info.get(key))
     lines.append(f"- Versions: {versions}; hsae_fast commit {info.get('hsae_fast_commit', '?')}")
-    load = info.get("load_average_at_start")
+    load = info.get("load_average_when_written") or info.get("load_average_at_start")  # older files: misnamed
     if load:
-        lines.append(f"- Load average at start (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}: "
-                     "the machine is shared; ratios come from interleaved rounds, absolute times carry the load")
+        lines.append(f"- Load average as the results were written (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / "
+                     f"{load[2]:.2f} on {info.get('cpu_count', '?')} CPUs (each case records its own): the machine "
+                     "is shared; ratios come from interleaved rounds, absolute times carry the load")
     if info.get("memory_method"):
         lines.append(f"- Peak memory: {info['memory_method']}")
     if info.get("bench_set"):
