@@ -185,3 +185,11 @@ def work(op: str, spec: ModelSpec, N: int, d: int, element_size: int) -> dict:
         flops = encode[0] + decode[0] + backward[0]
         bytes_ = encode[1] + decode[1] + backward[1] + params * (4 * element_size + 3 * element_size)
     return {"flops": flops, "bytes": bytes_}
+
+
+def training_state_bytes(spec: ModelSpec, d: int, element_size: int) -> int:
+    """Memory one implementation holds to be timed: parameters, gradients and two AdamW moments, plus
+    the float64 weights and gradients of its one-off correctness check."""
+    F = spec.dict_size
+    params = 2 * F * d + 2 * F + d
+    return params * element_size * 4 + 2 * F * d * 8 * 2

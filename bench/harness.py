@@ -11,13 +11,14 @@ from typing import Optional
 import torch
 
 from .candidates import base_layer, build_implementation, check_rows, implementation_plan
-from .cases import Case, ModelSpec, work
-from .timing import (LoadWindow, RoundRobin, Timed, ceiling_candidates, ceilings_from, memory_method, paired_ratio,
-                     summarize)
+from .cases import Case, ModelSpec, training_state_bytes, work
+from .timing import (LoadWindow, RoundRobin, Timed, ceiling_candidates, ceilings_from, free_memory_bytes,
+                     memory_method, paired_ratio, summarize)
 
 FLOOR = "encoder GEMM"  # x @ W_enc.T alone: a flat SAE's unavoidable work, and the target of issue 5
 DENSE_ENCODE = "matmul+topk"  # a flat TopK encode done densely: the encode baseline
 MIN_ROUNDS = 3
+MEMORY_HEADROOM = 0.7  # share of free memory one implementation's held state may take (activations need the rest)
 
 
 def case_seed(case: Case) -> int:
@@ -57,6 +58,16 @@ class BenchState:
             impl.check(check_rows(x, spec.dict_size), base, seed)
             self.implementations[key] = impl
         return self.implementations[key]
+
+    def memory_shortfall(self, name: str, spec: ModelSpec, d: int, dtype: torch.dtype, element_size: int):
+        """Why an implementation not built yet would not fit in memory (None: it fits, or is built).
+        Big sweeps on a full device skip a candidate with the reason instead of dying out of memory."""
+        if (name, spec, d, dtype) in self.implementations:
+            return None
+        need, free = training_state_bytes(spec, d, element_size), free_memory_bytes(self.device)
+        if need <= MEMORY_HEADROOM * free:
+            return None
+        return f"would hold about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
 
 
 def _timed(label: str, impl, op: str, x: torch.Tensor) -> Timed:
@@ -115,6 +126,10 @@ def _candidates(case: Case, state: BenchState, x: torch.Tensor, seed: int) -> tu
             label = name if len(case.models) == 1 else f"{name} [{spec.label}]"
             if reason:
                 skipped[label] = reason
+                continue
+            too_big = state.memory_shortfall(name, spec, case.d, case.dtype, x.element_size())
+            if too_big:
+                skipped[label] = too_big
                 continue
             impl = state.implementation(name, spec, case.d, case.dtype, x, seed)
             if case.op == "encode" and impl.encode_unavailable:

@@ -122,3 +122,10 @@ def test_report_renders_a_run(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "test cpu" in table and "| torch |" in table and "reference" in table
     assert any(str(p).endswith(".png") for p in written)
+
+
+def test_implementations_that_would_not_fit_are_skipped_with_the_reason(monkeypatch):
+    monkeypatch.setattr(harness, "free_memory_bytes", lambda device: 1024)
+    state = harness.BenchState(device=CPU, rounds=1, warmup=1)
+    info = harness.run_case(tiny_case("step"), StubBenchmark(), state)
+    assert "torch" not in info["candidates"] and "GiB free" in info["skipped"]["torch"]

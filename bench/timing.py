@@ -175,6 +175,17 @@ def memory_method(device: torch.device) -> str:
     return cpu_memory_method() or "unavailable (no /proc/self/clear_refs)"
 
 
+def free_memory_bytes(device: torch.device) -> int:
+    """What can still be allocated: free GPU memory, or the kernel's MemAvailable on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no MemAvailable")
+
+
 # ----------------------------------------------------------------------------- device ceilings
 CEILING_MATMUL = "ceiling: matmul"
 CEILING_COPY = "ceiling: copy"
