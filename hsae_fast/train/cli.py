@@ -29,6 +29,8 @@ def resolve_fields(args) -> tuple[dict, dict]:
     for name in ("data", "model", "layer", "baseline"):
         if getattr(args, name, None) is not None:
             fields[name] = getattr(args, name)
+    if fields.get("model") is not None and "data" not in fields:
+        fields["data"] = "lm"  # the activations come from --model; config.json should not say "synthetic"
     model_fields, train_fields = split_fields(fields)
     # Validate everything now: a bad value fails before any data is opened (d_model comes from
     # the data, so the model fields are checked with the user's d_model or a stand-in).
