@@ -44,6 +44,9 @@ def case_candidates(cfg: HSAEConfig, x: torch.Tensor, dtype: torch.dtype, seed: 
         base.b_dec.normal_(0.0, 0.05)
     W_enc = base.W_enc.detach()
     candidates = [Timed("encoder GEMM", lambda _: x @ W_enc.T)]
+    if dtype != torch.float32:  # the stretch target: a 16-bit step under the float32 GEMM floor
+        x32, W32 = x.float(), W_enc.float()
+        candidates.append(Timed("float32 encoder GEMM", lambda _: x32 @ W32.T))
     for backend in BACKENDS:
         layer = HSAELayer(cfg, backend=backend).to(dtype)
         layer.load_state_dict(base.state_dict())
@@ -92,6 +95,9 @@ def main() -> None:
             if candidate.name == "cpp step":
                 s = paired_ratio(samples["torch step"], own)
                 speedup = f"{s['median']:.2f} ({s['q25']:.2f}-{s['q75']:.2f})"
+                if "float32 encoder GEMM" in samples:
+                    f = paired_ratio(own, samples["float32 encoder GEMM"])
+                    speedup += f"; x float32 GEMM {f['median']:.3f} ({f['q25']:.3f}-{f['q75']:.3f})"
             print(f"| {name} | {candidate.name} | {summarize(own)['median_ms']:.1f} | "
                   f"{ratio['median']:.3f} ({ratio['q25']:.3f}-{ratio['q75']:.3f}) | {speedup} |")
     print(f"load average after: {os.getloadavg()[0]:.1f}")

@@ -222,13 +222,21 @@ AppendAbove pick_append_above() {
 }
 
 // Float -> uint32 with the same order (-0 counted as +0); NaN never reaches a top-k buffer.
-HSAE_VECTOR_CLONES void float_order_bits(const float* v, int64_t n, uint32_t* out) {
+HSAE_INLINE uint32_t order_bits(float v) {
+  uint32_t b;
+  const float x = v + 0.f;
+  std::memcpy(&b, &x, sizeof(b));
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+// out[i] = order_bits(v[i]); returns the largest.
+HSAE_VECTOR_CLONES uint32_t float_order_bits(const float* v, int64_t n, uint32_t* out) {
+  uint32_t largest = 0;
   for (int64_t i = 0; i < n; ++i) {
-    uint32_t b;
-    const float x = v[i] + 0.f;
-    std::memcpy(&b, &x, sizeof(b));
-    out[i] = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    out[i] = order_bits(v[i]);
+    largest = std::max(largest, out[i]);
   }
+  return largest;
 }
 
 HSAE_VECTOR_CLONES int64_t count_at_least(const uint32_t* bits, int64_t n, uint32_t t) {
@@ -237,9 +245,10 @@ HSAE_VECTOR_CLONES int64_t count_at_least(const uint32_t* bits, int64_t n, uint3
   return count;
 }
 
-// The k-th largest of n >= k values: the largest t with at least k values >= t.
-uint32_t kth_largest(const uint32_t* bits, int64_t n, int64_t k) {
-  uint64_t lo = 0, hi = uint64_t(1) << 32;  // count(>= lo) >= k > count(>= hi)
+// The k-th largest of n >= k values, known to lie in [lo, largest]: the largest t with at least
+// k values >= t, by bisection.
+uint32_t kth_largest(const uint32_t* bits, int64_t n, int64_t k, uint64_t lo, uint32_t largest) {
+  uint64_t hi = uint64_t(largest) + 1;  // count(>= lo) >= k > count(>= hi)
   while (hi - lo > 1) {
     const uint64_t mid = (lo + hi) / 2;
     (count_at_least(bits, n, static_cast<uint32_t>(mid)) >= k ? lo : hi) = mid;
@@ -255,7 +264,14 @@ class TopKBuffer {
   static constexpr int64_t kStep = 64;
   static int64_t capacity_for(int64_t k) { return k + kRoom + kLanes; }
 
-  TopKBuffer(float* score, int32_t* key, int64_t k) : score_(score), key_(key), k_(k) {}
+  // Work space of compactions, shared by the buffers one thread runs.
+  struct Scratch {
+    std::vector<uint32_t> bits;
+    std::vector<Candidate> ties;
+  };
+
+  TopKBuffer(float* score, int32_t* key, int64_t k, Scratch* scratch)
+      : score_(score), key_(key), k_(k), scratch_(scratch) {}
 
   // Offers scores[j] (+ bias[j]) under keys first + j, for j < n.
   void offer(const float* scores, const float* bias, int64_t n, int32_t first) {
@@ -279,15 +295,16 @@ class TopKBuffer {
 
  private:
   // Keeps the k best; the threshold becomes the k-th best score once k are held. The k-th best is
-  // found by bisection on the scores' order-preserving bits (32 vectorized counts, no branches on
-  // data), then the equals of it are set aside and a branch-free in-place pass keeps what beats it.
+  // found by bisection on the scores' order-preserving bits between the old threshold (everything
+  // held is at least that) and the largest (vectorized counts, no branches on data); its equals
+  // are set aside and a branch-free in-place pass keeps what beats it.
   void compact() {
     if (count_ < k_) return;
-    std::vector<uint32_t>& bits = scratch_bits();
+    std::vector<uint32_t>& bits = scratch_->bits;
     bits.resize(count_);
-    float_order_bits(score_, count_, bits.data());
-    const uint32_t kth = kth_largest(bits.data(), count_, k_);
-    std::vector<Candidate>& ties = scratch_ties();
+    const uint32_t largest = float_order_bits(score_, count_, bits.data());
+    const uint32_t kth = kth_largest(bits.data(), count_, k_, threshold_ > kNegInf ? order_bits(threshold_) : 0, largest);
+    std::vector<Candidate>& ties = scratch_->ties;
     ties.clear();
     for (int64_t i = 0; i < count_; ++i)
       if (bits[i] == kth) ties.push_back({score_[i], key_[i]});
@@ -302,18 +319,10 @@ class TopKBuffer {
     threshold_ = ties.front().score;
   }
 
-  static std::vector<uint32_t>& scratch_bits() {
-    thread_local std::vector<uint32_t> buffer;
-    return buffer;
-  }
-  static std::vector<Candidate>& scratch_ties() {
-    thread_local std::vector<Candidate> buffer;
-    return buffer;
-  }
-
   float* score_;
   int32_t* key_;
   int64_t k_;
+  Scratch* scratch_;
   int64_t count_ = 0;
   float threshold_ = kNegInf;
 };
@@ -425,6 +434,17 @@ class SingleThreadedBlas {
   int previous_;
 };
 
+// bfloat16 x bfloat16 -> float32 GEMM of MKL (AMX or AVX512-BF16 where the CPU has them; products
+// exact, float32 accumulation), looked up at run time like the thread pinning above. Row-major
+// C (m, n) = A (m, k) . B (n, k)^T; null where torch's BLAS is not MKL.
+using GemmBf16 = void (*)(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha, const void* a,
+                          int lda, const void* b, int ldb, float beta, float* c, int ldc);
+GemmBf16 mkl_gemm_bf16() {
+  static const GemmBf16 fn = reinterpret_cast<GemmBf16>(dlsym(RTLD_DEFAULT, "cblas_gemm_bf16bf16f32"));
+  return fn;
+}
+constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112;
+
 // ------------------------------------------------------------------------------------ dense encode
 // Rows of the score tile one task computes at a time, and features per tile: a (rows x tile) float
 // block and the tile of W stay in L2 while the top-k merge reads them.
@@ -454,7 +474,12 @@ void write_dense_row(const std::vector<Candidate>& best, int64_t n, int64_t K, i
 template <typename W_t>
 void encode_dense_impl(const EncodeArgs& a) {
   const int64_t N = a.xc.size(0), d = a.xc.size(1), K = a.kmax, lo = a.level_offset, Fl = a.level_size;
-  const float* xc = a.xc.data_ptr<float>();
+  // bfloat16 inputs and weights take MKL's bfloat16 GEMM when there is one; otherwise the weight
+  // tile is widened and the float32 GEMM runs.
+  const bool gemm_bf16 = std::is_same<W_t, BFloat16>::value && a.xc.scalar_type() == at::kBFloat16 && mkl_gemm_bf16();
+  TORCH_CHECK(d <= std::numeric_limits<int>::max() && Fl <= std::numeric_limits<int>::max(), "shapes exceed BLAS ints");
+  const Tensor xc_float = a.xc.to(at::kFloat).contiguous();
+  const float* xc = xc_float.data_ptr<float>();
   const W_t* W = a.W_enc.data_ptr<W_t>() + lo * d;
   const float* b_enc = a.b_enc.data_ptr<float>() + lo;
   const bool* keep = a.path_mask.data_ptr<bool>() + lo;
@@ -497,19 +522,21 @@ void encode_dense_impl(const EncodeArgs& a) {
     SingleThreadedBlas blas_on_this_thread;
     const Tensor tile_buffer = at::empty({kDenseRows, kDenseTile}, at::kFloat);  // 64-byte aligned
     float* tile = tile_buffer.data_ptr<float>();
-    std::vector<float> w_tile(std::is_same<W_t, float>::value ? 0 : kDenseTile * d);
+    std::vector<float> w_tile(std::is_same<W_t, float>::value || gemm_bf16 ? 0 : kDenseTile * d);
     // Per row of the block, the (local feature, edge_weight * parent value) pairs of its active
     // parents' children, sorted by feature so each tile consumes a contiguous run.
     std::vector<std::vector<std::pair<int64_t, float>>> bonus(use_edges ? kDenseRows : 0);
     std::vector<size_t> cursor(kDenseRows);
     std::vector<float> buffer_s(kDenseRows * capacity);
     std::vector<int32_t> buffer_k(kDenseRows * capacity);
+    TopKBuffer::Scratch scratch;
     for (int64_t task = task0; task < task1; ++task) {
       const int64_t blk = task / splits, split = task % splits;
       const int64_t r0 = blk * kDenseRows, rows = std::min(kDenseRows, N - r0);
       const int64_t tile0 = tiles * split / splits, tile1 = tiles * (split + 1) / splits;
       std::vector<TopKBuffer> tops;
-      for (int64_t r = 0; r < rows; ++r) tops.emplace_back(buffer_s.data() + r * capacity, buffer_k.data() + r * capacity, K);
+      for (int64_t r = 0; r < rows; ++r)
+        tops.emplace_back(buffer_s.data() + r * capacity, buffer_k.data() + r * capacity, K, &scratch);
       std::fill(cursor.begin(), cursor.end(), 0);
       for (int64_t r = 0; r < rows && use_edges; ++r) {
         bonus[r].clear();
@@ -526,9 +553,15 @@ void encode_dense_impl(const EncodeArgs& a) {
       const Tensor x_blk = at::from_blob(const_cast<float*>(xc + r0 * d), {rows, d}, at::kFloat);
       for (int64_t t = tile0; t < tile1; ++t) {
         const int64_t f0 = t * kDenseTile, T = std::min(kDenseTile, Fl - f0);
-        const float* w_rows = as_floats(W + f0 * d, w_tile.data(), T * d);
-        Tensor s_blk = at::from_blob(tile, {rows, T}, at::kFloat);
-        at::mm_out(s_blk, x_blk, at::from_blob(const_cast<float*>(w_rows), {T, d}, at::kFloat).t());
+        if (gemm_bf16) {
+          mkl_gemm_bf16()(kCblasRowMajor, kCblasNoTrans, kCblasTrans, static_cast<int>(rows), static_cast<int>(T),
+                          static_cast<int>(d), 1.f, a.xc.data_ptr<BFloat16>() + r0 * d, static_cast<int>(d),
+                          W + f0 * d, static_cast<int>(d), 0.f, tile, static_cast<int>(T));
+        } else {
+          const float* w_rows = as_floats(W + f0 * d, w_tile.data(), T * d);
+          Tensor s_blk = at::from_blob(tile, {rows, T}, at::kFloat);
+          at::mm_out(s_blk, x_blk, at::from_blob(const_cast<float*>(w_rows), {T, d}, at::kFloat).t());
+        }
         for (int64_t r = 0; r < rows; ++r) {
           float* srow = tile + r * T;
           if (use_edges) {
@@ -563,7 +596,8 @@ void encode_routed_impl(const EncodeArgs& a) {
   const int64_t P = a.child_ptr->size(0) - 1, parent_offset = lo + Fl;
   TORCH_CHECK(width < std::numeric_limits<int32_t>::max(), "kmax of the parent level x max_children = ", width,
               " does not fit the 32-bit candidate keys");
-  const float* xc = a.xc.data_ptr<float>();
+  const Tensor xc_float = a.xc.to(at::kFloat).contiguous();
+  const float* xc = xc_float.data_ptr<float>();
   const W_t* W = a.W_enc.data_ptr<W_t>();
   const float* b_enc = a.b_enc.data_ptr<float>();
   const float* edge = a.edge_weight.data_ptr<float>();
@@ -613,8 +647,9 @@ void encode_routed_impl(const EncodeArgs& a) {
     std::vector<float> buffer_s(capacity);
     std::vector<int32_t> buffer_k(capacity);
     std::vector<Candidate> best;
+    TopKBuffer::Scratch scratch;
     for (int64_t n = n0; n < n1; ++n) {
-      TopKBuffer top(buffer_s.data(), buffer_k.data(), K);
+      TopKBuffer top(buffer_s.data(), buffer_k.data(), K, &scratch);
       top.offer(cand.data() + n * width, nullptr, width, 0);
       const int64_t kept = top.finish(best);
       for (int64_t s = 0; s < K; ++s) {

@@ -1,5 +1,6 @@
 // Argument bundles of the four CPU ops (see hsae_cpu.cpp; contracts: hsae_fast/backends/torch_sparse.py).
-// Float inputs are float32 except the weight matrices (float32 or bfloat16); outputs are written in place.
+// Float inputs are float32 except the weight matrices (float32 or bfloat16) and the encode's xc
+// (bfloat16 with bfloat16 weights: the GEMM then runs in bfloat16); outputs are written in place.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -99,8 +99,10 @@ def encode_forward(xc, W_enc, b_enc, edge_weight, path_mask, parent, parent_idx,
     idx = new_output((N, kmax), torch.int64, xc.device)
     scores = new_output((N, kmax), torch.float32, xc.device)
     parent_slot = new_output((N, kmax), torch.int64, xc.device)
+    # bfloat16 xc with bfloat16 weights stays bfloat16: the dense GEMM then runs in bfloat16 (float32 sums).
+    xc_in = xc.contiguous() if xc.dtype == W_enc.dtype == torch.bfloat16 else _f32(xc)
     _ext().encode_forward(
-        _f32(xc), _weights(W_enc), _f32(b_enc), _f32(edge_weight), path_mask.contiguous(), parent.contiguous(),
+        xc_in, _weights(W_enc), _f32(b_enc), _f32(edge_weight), path_mask.contiguous(), parent.contiguous(),
         _contiguous(parent_idx), _f32(parent_vals), _contiguous(child_ptr), _contiguous(child_ids),
         max_children, level_offset, level_size, kmax, routed, idx, scores, parent_slot,
     )
