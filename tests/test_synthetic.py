@@ -139,3 +139,14 @@ def test_a_model_seeded_like_the_data_does_not_start_from_the_truth():
     first = next(source.batches(64, seed=0))
     torch.manual_seed(0)
     assert not torch.allclose(first, torch.rand(64, 128))
+
+
+def test_any_level_recovery_finds_concepts_in_the_wrong_level():
+    source = SyntheticHierarchy(d_model=64)
+    layer = _perfect_layer(source)
+    with torch.no_grad():  # swap a bottom and a middle concept between levels
+        rows = layer.W_dec.detach().clone()
+        rows[[0, 128]] = rows[[128, 0]]
+        layer.W_dec.copy_(rows)
+    scores = score_model(layer, source, n_tokens=512)
+    assert scores["recovery"][1] < 1.0 and scores["recovery_any_level"] == pytest.approx([1.0, 1.0, 1.0])

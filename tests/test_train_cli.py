@@ -96,7 +96,7 @@ def test_flat_baseline_trains_beside_and_prints_the_table(tmp_path, capsys):
     flat = HSAELayer.from_pretrained(out / "flat" / "final")
     assert flat.cfg.level_sizes == (22,) and flat.cfg.k == (7,)
     table = capsys.readouterr().out
-    assert "| metric | HSAE | flat SAE |" in table and "recovery bottom/mid/top" in table
+    assert "| metric | HSAE | flat SAE |" in table and "recovery bottom/mid/top" in table and "any level" in table
     flat_metrics = json.loads((out / "flat" / "final_metrics.json").read_text())
     assert flat_metrics["tree_recovery"] is None  # a flat SAE has no tree
 

@@ -267,6 +267,8 @@ def score_model(layer, source: SyntheticHierarchy, n_tokens: int = 8192, batch_s
     x64 = x.double()
     return {
         "recovery": recovery["per_level"],
+        # The flat SAE's criterion (best row of any level), for a like-for-like comparison.
+        "recovery_any_level": feature_recovery(truth, rows, (cfg.dict_size,), mask)["per_level"],
         # A flat SAE has no tree to recover (its induced tree is built from the matching itself).
         "tree_recovery": tree_recovery(truth, recovery["match"], parent) if hierarchical else float("nan"),
         "hcs": hits / count if count else float("nan"),
