@@ -21,6 +21,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <limits>
 #include <numeric>
@@ -354,11 +355,29 @@ FeatureGroups group_by_feature(const int64_t* idx, int64_t entries, int64_t F, K
   return g;
 }
 
-// One parallel region for the two kinds of work of a backward: feature_body(f0, f1) over feature
-// ranges of about equal work (entries + one row write each, so a few popular top-level features
-// do not leave one thread with most of the sums) and row_body(r0, r1) over fixed chunks of
-// kReduceRows rows. The two kinds are interleaved so a static split gives every thread its share
-// of both; one region, not two, because each barrier costs a time slice on a loaded machine.
+// Runs body(task) for tasks 0..n-1 in one parallel region, each thread taking the next task as
+// it gets free: on a loaded machine a thread the OS pauses then delays one task, not a fixed share
+// of them (as a static split would). Every task writes its own outputs, so results do not depend
+// on which thread ran what.
+template <typename Body>
+void for_each_task(int64_t tasks, const Body& body) {
+  if (tasks <= 0) return;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) body(t);
+  });
+}
+
+// body(begin, end) over [0, n) in chunks of `chunk`, the chunks taken as threads get free.
+template <typename Body>
+void for_each_chunk(int64_t n, int64_t chunk, const Body& body) {
+  for_each_task((n + chunk - 1) / chunk, [&](int64_t t) { body(t * chunk, std::min(n, (t + 1) * chunk)); });
+}
+
+// The two kinds of work of a backward in one parallel region (each barrier costs a time slice on a
+// loaded machine): feature_body(f0, f1) over feature ranges of about equal work (entries + one row
+// write each, so a few popular top-level features do not make one task the longest) and
+// row_body(r0, r1) over fixed chunks of kReduceRows rows.
 template <typename FeatureBody, typename RowBody>
 void for_features_and_rows(const FeatureGroups& g, int64_t F, const FeatureBody& feature_body, int64_t rows,
                            const RowBody& row_body) {
@@ -375,21 +394,12 @@ void for_features_and_rows(const FeatureGroups& g, int64_t F, const FeatureBody&
     }
     return lo;
   };
-  // Task t is feature task i or row task j, merged in order of (i + 1/2) / feature_tasks and
-  // (j + 1/2) / row_tasks; a negative entry -1 - j stands for row task j.
-  std::vector<int64_t> order;
-  for (int64_t i = 0, j = 0; i < feature_tasks || j < row_tasks;) {
-    const bool feature_next = j >= row_tasks || (i < feature_tasks && (2 * i + 1) * row_tasks <= (2 * j + 1) * feature_tasks);
-    order.push_back(feature_next ? i++ : -1 - j++);
-  }
-  at::parallel_for(0, static_cast<int64_t>(order.size()), 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      if (order[t] >= 0) {
-        feature_body(boundary(order[t]), boundary(order[t] + 1));
-      } else {
-        const int64_t r0 = (-1 - order[t]) * kReduceRows;
-        row_body(r0, std::min(rows, r0 + kReduceRows));
-      }
+  for_each_task(feature_tasks + row_tasks, [&](int64_t t) {
+    if (t < feature_tasks) {
+      feature_body(boundary(t), boundary(t + 1));
+    } else {
+      const int64_t r0 = (t - feature_tasks) * kReduceRows;
+      row_body(r0, std::min(rows, r0 + kReduceRows));
     }
   });
 }
@@ -518,7 +528,7 @@ void encode_dense_impl(const EncodeArgs& a) {
     write_dense_row(best, n, K, lo, parent, pidx, pvals, kp, out_idx, out_score, out_slot);
   };
 
-  at::parallel_for(0, row_blocks * splits, 1, [&](int64_t task0, int64_t task1) {
+  for_each_task(row_blocks * splits, [&](int64_t task) {
     SingleThreadedBlas blas_on_this_thread;
     const Tensor tile_buffer = at::empty({kDenseRows, kDenseTile}, at::kFloat);  // 64-byte aligned
     float* tile = tile_buffer.data_ptr<float>();
@@ -530,56 +540,54 @@ void encode_dense_impl(const EncodeArgs& a) {
     std::vector<float> buffer_s(kDenseRows * capacity);
     std::vector<int32_t> buffer_k(kDenseRows * capacity);
     TopKBuffer::Scratch scratch;
-    for (int64_t task = task0; task < task1; ++task) {
-      const int64_t blk = task / splits, split = task % splits;
-      const int64_t r0 = blk * kDenseRows, rows = std::min(kDenseRows, N - r0);
-      const int64_t tile0 = tiles * split / splits, tile1 = tiles * (split + 1) / splits;
-      std::vector<TopKBuffer> tops;
-      for (int64_t r = 0; r < rows; ++r)
-        tops.emplace_back(buffer_s.data() + r * capacity, buffer_k.data() + r * capacity, K, &scratch);
-      std::fill(cursor.begin(), cursor.end(), 0);
-      for (int64_t r = 0; r < rows && use_edges; ++r) {
-        bonus[r].clear();
-        const int64_t n = r0 + r;
-        for (int64_t j = 0; j < kp; ++j) {
-          const float pv = pvals[n * kp + j];
-          if (pv == 0.f) continue;
-          const int64_t p = pidx[n * kp + j] - parent_offset;
-          for (int64_t c = child_ptr[p]; c < child_ptr[p + 1]; ++c)
-            bonus[r].emplace_back(child_ids[c] - lo, edge[child_ids[c]] * pv);
-        }
-        std::stable_sort(bonus[r].begin(), bonus[r].end(), [](const auto& x, const auto& y) { return x.first < y.first; });
+    const int64_t blk = task / splits, split = task % splits;
+    const int64_t r0 = blk * kDenseRows, rows = std::min(kDenseRows, N - r0);
+    const int64_t tile0 = tiles * split / splits, tile1 = tiles * (split + 1) / splits;
+    std::vector<TopKBuffer> tops;
+    for (int64_t r = 0; r < rows; ++r)
+      tops.emplace_back(buffer_s.data() + r * capacity, buffer_k.data() + r * capacity, K, &scratch);
+    std::fill(cursor.begin(), cursor.end(), 0);
+    for (int64_t r = 0; r < rows && use_edges; ++r) {
+      bonus[r].clear();
+      const int64_t n = r0 + r;
+      for (int64_t j = 0; j < kp; ++j) {
+        const float pv = pvals[n * kp + j];
+        if (pv == 0.f) continue;
+        const int64_t p = pidx[n * kp + j] - parent_offset;
+        for (int64_t c = child_ptr[p]; c < child_ptr[p + 1]; ++c)
+          bonus[r].emplace_back(child_ids[c] - lo, edge[child_ids[c]] * pv);
       }
-      const Tensor x_blk = at::from_blob(const_cast<float*>(xc + r0 * d), {rows, d}, at::kFloat);
-      for (int64_t t = tile0; t < tile1; ++t) {
-        const int64_t f0 = t * kDenseTile, T = std::min(kDenseTile, Fl - f0);
-        if (gemm_bf16) {
-          mkl_gemm_bf16()(kCblasRowMajor, kCblasNoTrans, kCblasTrans, static_cast<int>(rows), static_cast<int>(T),
-                          static_cast<int>(d), 1.f, a.xc.data_ptr<BFloat16>() + r0 * d, static_cast<int>(d),
-                          W + f0 * d, static_cast<int>(d), 0.f, tile, static_cast<int>(T));
-        } else {
-          const float* w_rows = as_floats(W + f0 * d, w_tile.data(), T * d);
-          Tensor s_blk = at::from_blob(tile, {rows, T}, at::kFloat);
-          at::mm_out(s_blk, x_blk, at::from_blob(const_cast<float*>(w_rows), {T, d}, at::kFloat).t());
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          float* srow = tile + r * T;
-          if (use_edges) {
-            size_t& i = cursor[r];
-            for (; i < bonus[r].size() && bonus[r][i].first < f0 + T; ++i)
-              if (bonus[r][i].first >= f0) srow[bonus[r][i].first - f0] += bonus[r][i].second;
-          }
-          tops[r].offer(srow, bias.data() + f0, T, static_cast<int32_t>(f0));
-        }
+      std::stable_sort(bonus[r].begin(), bonus[r].end(), [](const auto& x, const auto& y) { return x.first < y.first; });
+    }
+    const Tensor x_blk = at::from_blob(const_cast<float*>(xc + r0 * d), {rows, d}, at::kFloat);
+    for (int64_t t = tile0; t < tile1; ++t) {
+      const int64_t f0 = t * kDenseTile, T = std::min(kDenseTile, Fl - f0);
+      if (gemm_bf16) {
+        mkl_gemm_bf16()(kCblasRowMajor, kCblasNoTrans, kCblasTrans, static_cast<int>(rows), static_cast<int>(T),
+                        static_cast<int>(d), 1.f, a.xc.data_ptr<BFloat16>() + r0 * d, static_cast<int>(d),
+                        W + f0 * d, static_cast<int>(d), 0.f, tile, static_cast<int>(T));
+      } else {
+        const float* w_rows = as_floats(W + f0 * d, w_tile.data(), T * d);
+        Tensor s_blk = at::from_blob(tile, {rows, T}, at::kFloat);
+        at::mm_out(s_blk, x_blk, at::from_blob(const_cast<float*>(w_rows), {T, d}, at::kFloat).t());
       }
       for (int64_t r = 0; r < rows; ++r) {
-        tops[r].finish(parts[(r0 + r) * splits + split]);
-        if (splits == 1) write_row(r0 + r);
+        float* srow = tile + r * T;
+        if (use_edges) {
+          size_t& i = cursor[r];
+          for (; i < bonus[r].size() && bonus[r][i].first < f0 + T; ++i)
+            if (bonus[r][i].first >= f0) srow[bonus[r][i].first - f0] += bonus[r][i].second;
+        }
+        tops[r].offer(srow, bias.data() + f0, T, static_cast<int32_t>(f0));
       }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      tops[r].finish(parts[(r0 + r) * splits + split]);
+      if (splits == 1) write_row(r0 + r);
     }
   });
   if (splits > 1) {
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for_each_chunk(N, 16, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) write_row(n);
     });
   }
@@ -626,7 +634,7 @@ void encode_routed_impl(const EncodeArgs& a) {
   }
 
   std::vector<float> cand(N * width, kNegInf);  // (N, kp, C) candidate scores, -inf: none
-  at::parallel_for(0, static_cast<int64_t>(pairs.size()), 16, [&](int64_t e0, int64_t e1) {
+  for_each_chunk(static_cast<int64_t>(pairs.size()), 64, [&](int64_t e0, int64_t e1) {
     std::vector<float> dots(C);
     for (int64_t e = e0; e < e1; ++e) {
       const int64_t pair = pairs[e], n = pair / kp, j = pair % kp;
@@ -642,7 +650,7 @@ void encode_routed_impl(const EncodeArgs& a) {
   });
 
   // Each token's best K of its kp * C candidates; key q = j * C + c.
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+  for_each_chunk(N, 32, [&](int64_t n0, int64_t n1) {
     const int64_t capacity = TopKBuffer::capacity_for(K);
     std::vector<float> buffer_s(capacity);
     std::vector<int32_t> buffer_k(capacity);
@@ -755,7 +763,7 @@ void decode_forward_impl(const DecodeArgs& a) {
   for (int64_t e = 0; e < N * K; ++e)
     TORCH_CHECK(idx[e] >= 0 && idx[e] < F, "idx holds feature id ", idx[e], " outside [0, ", F, ")");
 
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+  for_each_chunk(N, 32, [&](int64_t n0, int64_t n1) {
     std::vector<float> sum(d), running(d);
     RowTerms terms;
     for (int64_t n = n0; n < n1; ++n) {
