@@ -24,7 +24,6 @@
 #include <atomic>
 #include <cstring>
 #include <limits>
-#include <numeric>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -164,7 +163,7 @@ inline const float* as_floats(const BFloat16* src, float* buffer, int64_t count)
 
 // ------------------------------------------------------------------------------------ running top-k
 // Candidates scoring above a row's current threshold are appended to a buffer (a vector compress
-// with AVX-512, branch-free elsewhere); when the buffer fills, one nth_element keeps the k best and
+// with AVX-512, branch-free elsewhere); when the buffer fills, a selection keeps the k best and
 // raises the threshold. A row's k-th best rises fast, so after the first tiles few scores pass,
 // and no per-candidate heap update sits in the scan. Order: higher score first, then smaller key,
 // a strict total order, so the kept set never depends on the order candidates arrive in.
@@ -423,9 +422,16 @@ T* ptr_or_null(const c10::optional<Tensor>& t) {
 }
 
 // ------------------------------------------------------------------------------------ BLAS threads
+// A function of MKL, which torch's x86 builds carry inside libtorch_cpu, by name; null where
+// torch's BLAS is another one (everything that uses one has a path without it).
+void* mkl_symbol(const char* name) {
+  if (void* fn = dlsym(RTLD_DEFAULT, name)) return fn;
+  void* torch_cpu = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
+  return torch_cpu ? dlsym(torch_cpu, name) : nullptr;
+}
+
 // torch turns MKL's dynamic threading off, so a GEMM called inside a parallel region would open a
-// nested team of its own. Where torch's BLAS is MKL, each task pins its calls to its own thread with
-// MKL_Set_Num_Threads_Local (looked up at run time: other BLAS builds simply lack the symbol).
+// nested team of its own. Where torch's BLAS is MKL, each task pins its calls to its own thread.
 class SingleThreadedBlas {
  public:
   SingleThreadedBlas() : previous_(set_local() ? set_local()(1) : 0) {}
@@ -438,19 +444,18 @@ class SingleThreadedBlas {
  private:
   using SetLocal = int (*)(int);
   static SetLocal set_local() {
-    static const SetLocal fn = reinterpret_cast<SetLocal>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
+    static const SetLocal fn = reinterpret_cast<SetLocal>(mkl_symbol("MKL_Set_Num_Threads_Local"));
     return fn;
   }
   int previous_;
 };
 
 // bfloat16 x bfloat16 -> float32 GEMM of MKL (AMX or AVX512-BF16 where the CPU has them; products
-// exact, float32 accumulation), looked up at run time like the thread pinning above. Row-major
-// C (m, n) = A (m, k) . B (n, k)^T; null where torch's BLAS is not MKL.
+// exact, float32 accumulation). Row-major C (m, n) = A (m, k) . B (n, k)^T.
 using GemmBf16 = void (*)(int layout, int trans_a, int trans_b, int m, int n, int k, float alpha, const void* a,
                           int lda, const void* b, int ldb, float beta, float* c, int ldc);
 GemmBf16 mkl_gemm_bf16() {
-  static const GemmBf16 fn = reinterpret_cast<GemmBf16>(dlsym(RTLD_DEFAULT, "cblas_gemm_bf16bf16f32"));
+  static const GemmBf16 fn = reinterpret_cast<GemmBf16>(mkl_symbol("cblas_gemm_bf16bf16f32"));
   return fn;
 }
 constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112;
