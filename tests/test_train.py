@@ -203,22 +203,19 @@ def test_auxk_revives_dead_features(tmp_path):
 
 
 def test_resume_is_bit_identical(tmp_path):
-    straight = make_trainer(tmp_path / "straight", k_start_mult=2.0, adaptive_sparsity=True, adapt_every_tokens=128,
-                            cons_warmup_frac=0.5)
-    straight.layer.cfg = straight.layer.cfg.replace(lambda_cons=0.1, dead_after_tokens=128)
-    straight.target_k = tuple(straight.layer.cfg.k)
+    # every schedule and tracker on: progressive and adaptive k, consistency warmup, AuxK
+    cfg = tiny_cfg(lambda_cons=0.1, dead_after_tokens=128)
+    options = dict(k_start_mult=2.0, adaptive_sparsity=True, adapt_every_tokens=128, cons_warmup_frac=0.5,
+                   checkpoint_every=5)
+    straight = make_trainer(tmp_path / "straight", cfg=cfg, **options)
     straight.fit()
 
-    first = make_trainer(tmp_path / "resumed", k_start_mult=2.0, adaptive_sparsity=True, adapt_every_tokens=128,
-                         cons_warmup_frac=0.5, checkpoint_every=5)
-    first.layer.cfg = first.layer.cfg.replace(lambda_cons=0.1, dead_after_tokens=128)
+    first = make_trainer(tmp_path / "resumed", cfg=cfg, **options)
     batches = first._batches()
     for _ in range(5):
         first.train_step(next(batches))
     first.save_checkpoint()
-    cfg = tiny_cfg(lambda_cons=0.1, dead_after_tokens=128)
-    second = make_trainer(tmp_path / "resumed", cfg=cfg, resume=True, k_start_mult=2.0, adaptive_sparsity=True,
-                          adapt_every_tokens=128, cons_warmup_frac=0.5, checkpoint_every=5)
+    second = make_trainer(tmp_path / "resumed", cfg=cfg, resume=True, **options)
     assert second.step == 5
     second.fit()
     for (name, a), (_, b) in zip(straight.layer.state_dict().items(), second.layer.state_dict().items()):
