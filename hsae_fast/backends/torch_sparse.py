@@ -16,9 +16,6 @@ from .common import accumulation_dtype, new_output
 
 NAME = "torch"
 
-# CSR matmul is stable enough for the one product used here; its "beta" notice is noise to users.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-
 # Row chunks keep transient buffers (scores of a dense level, gathered rows) near this many elements.
 _CHUNK_ELEMENTS = 1 << 22
 
@@ -49,8 +46,11 @@ def _scatter_rows(idx: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, 
     crow = torch.zeros(num_features + 1, dtype=torch.int64, device=idx.device)
     crow[1:] = torch.cumsum(torch.bincount(flat, minlength=num_features), 0)
     token = torch.div(order, K, rounding_mode="floor")
-    S = torch.sparse_csr_tensor(crow, token, weights.reshape(-1)[order].to(rows.dtype), (num_features, N),
-                                check_invariants=False)
+    with warnings.catch_warnings():
+        # CSR matmul is solid for this one product; its "beta" notice would only alarm users.
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        S = torch.sparse_csr_tensor(crow, token, weights.reshape(-1)[order].to(rows.dtype), (num_features, N),
+                                    check_invariants=False)
     return S @ rows
 
 
