@@ -39,6 +39,7 @@ def cpp_backend():
         "hsae_fast._hsae_cpu",
         [f"csrc/{name}" for name in config["SOURCES"]],
         extra_compile_args=list(config["CXX_FLAGS"]),
+        extra_link_args=list(config["LINK_FLAGS"]),
     )
     return [extension], {"build_ext": OptionalBuildExtension}
 

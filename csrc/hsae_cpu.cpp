@@ -6,9 +6,9 @@
 // weight matrices in float32 or bfloat16 (read as they are, converted in registers). Outputs are
 // allocated by the glue (poisonable in tests) and every element of them is written here.
 //
-// Threads: ATen's pool (at::parallel_for, OpenMP in torch's builds), so this module never loads a
-// second OpenMP runtime. Hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at
-// load time (HSAE_VECTOR_CLONES), so the same build runs on any x86-64 CPU.
+// Threads: ATen's pool through at::parallel_for (built with -fopenmp, see csrc/build_config.py: the
+// same OpenMP runtime and threads as torch's ops). Hot loops are compiled for AVX-512, AVX2 and
+// baseline x86-64 and picked at load time (HSAE_VECTOR_CLONES), so one build runs on any x86-64 CPU.
 #include "hsae_cpu.h"
 
 #include <ATen/Parallel.h>

@@ -43,6 +43,7 @@ def _load_jit():
         name="hsae_fast_cpu_jit",
         sources=[str(_CSRC / name) for name in config["SOURCES"]],
         extra_cflags=list(config["CXX_FLAGS"]),
+        extra_ldflags=list(config["LINK_FLAGS"]),
         verbose=os.environ.get("HSAE_CPP_VERBOSE", "") == "1",
     )
 
@@ -56,7 +57,8 @@ def available() -> tuple[bool, str]:
             _status = (True, f"C++/OpenMP CPU ops ({'JIT build of csrc/' if jit else 'built by pip install'})")
         except Exception as exc:  # no compiler, no build: the package must still import
             how = "JIT build failed" if jit else "hsae_fast._hsae_cpu is not built"
-            _status = (False, f"{how}: {type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}")
+            last_line = (str(exc).strip().splitlines() or [""])[-1]  # a compiler's log ends with the verdict
+            _status = (False, f"{how}: {type(exc).__name__}: {last_line}")
     return _status
 
 
