@@ -9,6 +9,10 @@ k=(20, 8, 4)) at the same F. The floor is the bare encoder GEMM `x @ W_enc.T` ov
 everything a step adds beyond it is O(N * K * d). Candidates run round-robin in one process
 (bench/timing.py); each ratio is the median over rounds of the two times of the same round.
 Targets (issue 5): cpp step within 1.3x of the GEMM, and at least 1.7x faster than the torch step.
+
+On a shared machine whose load exceeds its cores, every OpenMP region (each of the step's small
+torch ops included) waits for descheduled threads that spin at its barrier; run with
+OMP_WAIT_POLICY=PASSIVE there (and compare with --threads 1): the header line prints both.
 """
 from __future__ import annotations
 
@@ -77,7 +81,8 @@ def main() -> None:
         "3-level k=(20,8,4)": HSAEConfig(d_model=args.d, dict_size=args.f, level_ratios=(16, 4, 1), k=(20, 8, 4)),
     }
     print(f"N={args.n} d={args.d} F={args.f} {args.dtype}, {torch.get_num_threads()} threads, "
-          f"{args.rounds} rounds (+{args.warmup} warmup), load average {os.getloadavg()[0]:.1f}; "
+          f"{args.rounds} rounds (+{args.warmup} warmup), OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
+          f"load average {os.getloadavg()[0]:.1f}; "
           f"cpp: {why}")
     print("| case | candidate | median ms | x GEMM (q25-q75) | torch / cpp (q25-q75) |")
     print("|---|---|---|---|---|")
