@@ -771,24 +771,24 @@ void decode_forward_impl(const DecodeArgs& a) {
   for_each_chunk(N, 32, [&](int64_t n0, int64_t n1) {
     std::vector<float> sum(d), running(d);
     RowTerms terms;
+    // sum = sum over token n's slots j0..j1 with a nonzero value of vals * W_dec[idx] (* gain_l).
+    auto sum_slots = [&](int64_t n, int64_t j0, int64_t j1, bool times_gain) {
+      terms.clear();
+      for (int64_t j = j0; j < j1; ++j)
+        if (vals[n * K + j] != 0.f) terms.add(idx[n * K + j], vals[n * K + j] * (times_gain ? gain[level[j]] : 1.f));
+      std::fill(sum.begin(), sum.end(), 0.f);
+      terms.accumulate_into(sum.data(), W, d);
+    };
     for (int64_t n = n0; n < n1; ++n) {
       if (!a.prefixes) {  // x_hat = b_dec + sum_j gain_l(j) * vals[n, j] * W_dec[idx[n, j]]
-        terms.clear();
-        for (int64_t j = 0; j < K; ++j)
-          if (vals[n * K + j] != 0.f) terms.add(idx[n * K + j], vals[n * K + j] * gain[level[j]]);
-        std::fill(sum.begin(), sum.end(), 0.f);
-        terms.accumulate_into(sum.data(), W, d);
+        sum_slots(n, 0, K, true);
         for (int64_t i = 0; i < d; ++i) out[n * d + i] = static_cast<Out_t>(sum[i] + b_dec[i]);
         continue;
       }
       // P_m = b_dec + sum_{l >= m} gain_l * D_l, built from the top level down.
       std::copy(b_dec, b_dec + d, running.begin());
       for (int64_t l = L - 1; l >= 0; --l) {
-        terms.clear();
-        for (int64_t j = stops[l]; j < stops[l + 1]; ++j)
-          if (vals[n * K + j] != 0.f) terms.add(idx[n * K + j], vals[n * K + j]);
-        std::fill(sum.begin(), sum.end(), 0.f);
-        terms.accumulate_into(sum.data(), W, d);
+        sum_slots(n, stops[l], stops[l + 1], false);
         for (int64_t i = 0; i < d; ++i) running[i] += gain[l] * sum[i];
         Out_t* dst = out + (l * N + n) * d;
         for (int64_t i = 0; i < d; ++i) dst[i] = static_cast<Out_t>(running[i]);
