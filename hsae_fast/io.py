@@ -5,6 +5,7 @@ another) or a corrupted file is rejected on load instead of loading wrong number
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -22,37 +23,35 @@ CONFIG_NAME = "config.json"
 FORMAT_VERSION = 1
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so a reader sees the old file or the new one, never a torn one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> str:
-    """save_file through a temp file + rename; returns the file's sha256."""
+@contextlib.contextmanager
+def _atomic_replace(path: Path):
+    """Yield a temp path beside `path`; on success fsync it and rename it over `path`, so a reader
+    sees the old file or the new one, never a torn one; on failure remove it."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        digest = sha256_file(Path(tmp))
-        with open(tmp, "rb") as f:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (temp file + rename)."""
+    with _atomic_replace(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_save_tensors(tensors: dict, path: Path, metadata: dict | None = None) -> str:
+    """safetensors save_file through a temp file + rename; returns the file's sha256."""
+    with _atomic_replace(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        digest = sha256_file(tmp)
     return digest
 
 
