@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..config import HSAEConfig
+from ..data.synthetic import SyntheticConfig
 
 B_DEC_INITS = ("geometric_median", "mean", "zero")
 BASELINES = ("none", "flat")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
-SYNTHETIC_D_MODEL = 128
+SYNTHETIC_D_MODEL = SyntheticConfig.d_model
 
 
 def default_model(d_model: int) -> dict:
@@ -40,11 +41,12 @@ class TrainConfig:
     model: Optional[str] = None
     layer: Optional[int] = None
     data_seed: int = 0
-    # The embedded synthetic hierarchy (data="synthetic"; its d_model is the model's, default 128).
-    synthetic_sizes: Sequence[int] = (128, 32, 8)
-    synthetic_active: Sequence[float] = (8.0, 4.0, 2.0)
-    synthetic_child_cos: float = 0.5
-    synthetic_noise: float = 0.02
+    # The embedded synthetic hierarchy (data="synthetic"; its d_model is the model's). The defaults
+    # are SyntheticConfig's, so the generator and the trainer cannot drift apart.
+    synthetic_sizes: Sequence[int] = SyntheticConfig.level_sizes
+    synthetic_active: Sequence[float] = SyntheticConfig.mean_active
+    synthetic_child_cos: float = SyntheticConfig.child_parent_cos
+    synthetic_noise: float = SyntheticConfig.noise_std
     # Defaults sized for the embedded synthetic task on a small CPU (measured: batch 256 learns
     # more per token than 512 or 1024 at the same cost per token; lr 1e-2 beat 3e-3 and 2e-2).
     # Language-model activations want a smaller lr (configs/lm_smollm2.yaml uses 1e-3).
