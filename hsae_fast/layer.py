@@ -51,6 +51,7 @@ class HSAELayer(nn.Module):
         self.register_buffer("parent", config_parent(cfg).to(device))
         self.register_buffer("path_mask", torch.ones(F, dtype=torch.bool, device=device))
         self._plan: Optional[tuple] = None
+        self._mask_version = 0  # bumped when path_mask changes in place (prune, load): rebuilds the plan
         self._resolved: dict = {}
 
     # ------------------------------------------------------------------ helpers
@@ -60,8 +61,6 @@ class HSAELayer(nn.Module):
         if self._plan is None or self._plan[0] != key:
             self._plan = (key, TreePlan.build(self.cfg, self.parent, self.path_mask))
         return self._plan[1]
-
-    _mask_version = 0
 
     def backend_for(self, device: torch.device) -> str:
         if device not in self._resolved:

@@ -193,6 +193,14 @@ def encode_backward(
     return g_xc, g_W, g_b, g_edge, g_parent
 
 
+def _level_stops(level_widths: list[int]) -> list[int]:
+    """Slot boundaries: level l's slots are [stops[l], stops[l+1])."""
+    stops = [0]
+    for w in level_widths:
+        stops.append(stops[-1] + w)
+    return stops
+
+
 def _slot_gain(level_gain: torch.Tensor, level_widths: list[int], acc) -> torch.Tensor:
     widths = torch.tensor(level_widths, device=level_gain.device)
     return level_gain.to(acc).repeat_interleave(widths)
@@ -211,9 +219,7 @@ def decode_forward(idx, vals, W_dec, level_gain, b_dec, level_widths: list[int],
     L = len(level_widths)
     out = new_output((L, idx.shape[0], W_dec.shape[1]), W_dec.dtype, W_dec.device)
     running = b_dec.to(acc).expand(idx.shape[0], -1)
-    stops = [0]
-    for w in level_widths:
-        stops.append(stops[-1] + w)
+    stops = _level_stops(level_widths)
     for l in reversed(range(L)):
         sl = slice(stops[l], stops[l + 1])
         running = running + level_gain[l].to(acc) * _weighted_rows(idx[:, sl], vals[:, sl].to(acc), W)
@@ -228,9 +234,7 @@ def decode_backward(g_out, idx, vals, W_dec, level_gain, level_widths: list[int]
     F = W_dec.shape[0]
     L = len(level_widths)
     g = g_out.to(acc)
-    stops = [0]
-    for w in level_widths:
-        stops.append(stops[-1] + w)
+    stops = _level_stops(level_widths)
     # With prefixes, level l's decode appears in P_0 .. P_l, so its gradient is the sum of theirs.
     g_levels = torch.cumsum(g, 0) if prefixes else None
     g_b = g.reshape(-1, g.shape[-1]).sum(0)
