@@ -10,10 +10,9 @@ using at::Tensor;
 
 void encode_forward(Tensor xc, Tensor W_enc, Tensor b_enc, Tensor edge_weight, Tensor path_mask, Tensor parent,
                     OptionalTensor parent_idx, OptionalTensor parent_vals, OptionalTensor child_ptr,
-                    OptionalTensor child_ids, int64_t max_children, int64_t level_offset, int64_t level_size,
-                    int64_t kmax, bool routed, Tensor idx, Tensor scores, Tensor parent_slot) {
+                    OptionalTensor child_ids, int64_t max_children, int64_t kmax, bool routed, Tensor idx, Tensor scores, Tensor parent_slot) {
   hsae_cpu::encode_forward({xc, W_enc, b_enc, edge_weight, path_mask, parent, parent_idx, parent_vals, child_ptr,
-                            child_ids, max_children, level_offset, level_size, kmax, routed, idx, scores, parent_slot});
+                            child_ids, max_children, kmax, routed, idx, scores, parent_slot});
 }
 
 void encode_backward(Tensor g_scores, Tensor idx, Tensor parent_slot, Tensor xc, Tensor W_enc, Tensor edge_weight,

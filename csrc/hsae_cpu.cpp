@@ -468,12 +468,12 @@ constexpr int64_t kDenseTile = 512;
 
 // Writes one token's kept slots: ids, scores, and the slot of each feature's parent among the
 // token's active parents (the first one holding it; -1 with no parent level or none active).
-void write_dense_row(const std::vector<Candidate>& best, int64_t n, int64_t K, int64_t lo, const int64_t* parent,
+void write_dense_row(const std::vector<Candidate>& best, int64_t n, int64_t K, const int64_t* parent,
                      const int64_t* pidx, const float* pvals, int64_t kp, int64_t* out_idx, float* out_score,
                      int64_t* out_slot) {
   for (int64_t j = 0; j < K; ++j) {
     const bool filled = j < static_cast<int64_t>(best.size());
-    const int64_t id = filled ? best[j].key + lo : lo;
+    const int64_t id = filled ? best[j].key : 0;
     out_idx[n * K + j] = id;
     out_score[n * K + j] = filled ? best[j].score : kNegInf;
     int64_t slot = -1;
@@ -488,30 +488,29 @@ void write_dense_row(const std::vector<Candidate>& best, int64_t n, int64_t K, i
 // row blocks than threads (small N) the features are split too and the partial top-ks merged.
 template <typename W_t>
 void encode_dense_impl(const EncodeArgs& a) {
-  const int64_t N = a.xc.size(0), d = a.xc.size(1), K = a.kmax, lo = a.level_offset, Fl = a.level_size;
+  const int64_t N = a.xc.size(0), d = a.xc.size(1), K = a.kmax, Fl = a.W_enc.size(0);
   // bfloat16 inputs and weights take MKL's bfloat16 GEMM when there is one; otherwise the weight
   // tile is widened and the float32 GEMM runs.
   const bool gemm_bf16 = std::is_same<W_t, BFloat16>::value && a.xc.scalar_type() == at::kBFloat16 && mkl_gemm_bf16();
   TORCH_CHECK(d <= std::numeric_limits<int>::max() && Fl <= std::numeric_limits<int>::max(), "shapes exceed BLAS ints");
   const Tensor xc_float = a.xc.to(at::kFloat).contiguous();
   const float* xc = xc_float.data_ptr<float>();
-  const W_t* W = a.W_enc.data_ptr<W_t>() + lo * d;
-  const float* b_enc = a.b_enc.data_ptr<float>() + lo;
-  const bool* keep = a.path_mask.data_ptr<bool>() + lo;
+  const W_t* W = a.W_enc.data_ptr<W_t>();
+  const float* b_enc = a.b_enc.data_ptr<float>();
+  const bool* keep = a.path_mask.data_ptr<bool>();
   const float* edge = a.edge_weight.data_ptr<float>();
   const int64_t* pidx = ptr_or_null<int64_t>(a.parent_idx);
   const float* pvals = ptr_or_null<float>(a.parent_vals);
   const int64_t* child_ptr = ptr_or_null<int64_t>(a.child_ptr);
   const int64_t* child_ids = ptr_or_null<int64_t>(a.child_ids);
   const int64_t kp = pidx ? a.parent_idx->size(1) : 0;
-  const int64_t parent_offset = lo + Fl;
   TORCH_CHECK(Fl < std::numeric_limits<int32_t>::max(), "level_size ", Fl, " does not fit the 32-bit candidate keys");
 
   // Bias with the pruned mask folded in: a pruned feature scores -inf and never enters a top-k.
   std::vector<float> bias(Fl);
   for (int64_t f = 0; f < Fl; ++f) bias[f] = keep[f] ? b_enc[f] : kNegInf;
   bool use_edges = false;
-  for (int64_t f = 0; pidx && child_ptr && f < Fl && !use_edges; ++f) use_edges = edge[lo + f] != 0.f;
+  for (int64_t f = 0; pidx && child_ptr && f < Fl && !use_edges; ++f) use_edges = edge[f] != 0.f;
 
   const int64_t row_blocks = (N + kDenseRows - 1) / kDenseRows;
   const int64_t tiles = (Fl + kDenseTile - 1) / kDenseTile;
@@ -530,7 +529,7 @@ void encode_dense_impl(const EncodeArgs& a) {
       std::sort(best.begin(), best.end(), better);
       best.resize(std::min<size_t>(best.size(), K));
     }
-    write_dense_row(best, n, K, lo, parent, pidx, pvals, kp, out_idx, out_score, out_slot);
+    write_dense_row(best, n, K, parent, pidx, pvals, kp, out_idx, out_score, out_slot);
   };
 
   for_each_task(row_blocks * splits, [&](int64_t task) {
@@ -558,9 +557,9 @@ void encode_dense_impl(const EncodeArgs& a) {
       for (int64_t j = 0; j < kp; ++j) {
         const float pv = pvals[n * kp + j];
         if (pv == 0.f) continue;
-        const int64_t p = pidx[n * kp + j] - parent_offset;
+        const int64_t p = pidx[n * kp + j];
         for (int64_t c = child_ptr[p]; c < child_ptr[p + 1]; ++c)
-          bonus[r].emplace_back(child_ids[c] - lo, edge[child_ids[c]] * pv);
+          bonus[r].emplace_back(child_ids[c], edge[child_ids[c]] * pv);
       }
       std::stable_sort(bonus[r].begin(), bonus[r].end(), [](const auto& x, const auto& y) { return x.first < y.first; });
     }
@@ -604,9 +603,9 @@ void encode_dense_impl(const EncodeArgs& a) {
 // parent's block of W_enc rows stays in L1 while its tokens pass and a popular parent is shared.
 template <typename W_t>
 void encode_routed_impl(const EncodeArgs& a) {
-  const int64_t N = a.xc.size(0), d = a.xc.size(1), K = a.kmax, lo = a.level_offset, Fl = a.level_size;
+  const int64_t N = a.xc.size(0), d = a.xc.size(1), K = a.kmax;
   const int64_t kp = a.parent_idx->size(1), C = a.max_children, width = kp * C;
-  const int64_t P = a.child_ptr->size(0) - 1, parent_offset = lo + Fl;
+  const int64_t P = a.child_ptr->size(0) - 1;
   TORCH_CHECK(width < std::numeric_limits<int32_t>::max(), "kmax of the parent level x max_children = ", width,
               " does not fit the 32-bit candidate keys");
   const Tensor xc_float = a.xc.to(at::kFloat).contiguous();
@@ -626,7 +625,7 @@ void encode_routed_impl(const EncodeArgs& a) {
   std::vector<int64_t> start(P + 1, 0);
   for (int64_t e = 0; e < N * kp; ++e) {
     if (pvals[e] == 0.f) continue;
-    const int64_t p = pidx[e] - parent_offset;
+    const int64_t p = pidx[e];
     TORCH_CHECK(p >= 0 && p < P, "parent_idx holds ", pidx[e], ", not a feature of the level above");
     ++start[p + 1];
   }
@@ -635,7 +634,7 @@ void encode_routed_impl(const EncodeArgs& a) {
   {
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
     for (int64_t e = 0; e < N * kp; ++e)
-      if (pvals[e] != 0.f) pairs[fill[pidx[e] - parent_offset]++] = e;
+      if (pvals[e] != 0.f) pairs[fill[pidx[e]]++] = e;
   }
 
   std::vector<float> cand(N * width, kNegInf);  // (N, kp, C) candidate scores, -inf: none
@@ -643,7 +642,7 @@ void encode_routed_impl(const EncodeArgs& a) {
     std::vector<float> dots(C);
     for (int64_t e = e0; e < e1; ++e) {
       const int64_t pair = pairs[e], n = pair / kp, j = pair % kp;
-      const int64_t p = pidx[pair] - parent_offset, first = child_ptr[p], count = child_ptr[p + 1] - first;
+      const int64_t p = pidx[pair], first = child_ptr[p], count = child_ptr[p + 1] - first;
       dot_rows(xc + n * d, W, d, child_ids + first, count, dots.data());
       const float pv = pvals[pair];
       float* out = cand.data() + n * width + j * C;
@@ -668,7 +667,7 @@ void encode_routed_impl(const EncodeArgs& a) {
       for (int64_t s = 0; s < K; ++s) {
         const bool filled = s < kept;
         const int64_t q = filled ? best[s].key : 0, j = q / C;
-        out_idx[n * K + s] = filled ? child_ids[child_ptr[pidx[n * kp + j] - parent_offset] + q % C] : lo;
+        out_idx[n * K + s] = filled ? child_ids[child_ptr[pidx[n * kp + j]] + q % C] : 0;
         out_score[n * K + s] = filled ? best[s].score : kNegInf;
         out_slot[n * K + s] = filled ? j : -1;
       }
@@ -879,7 +878,7 @@ void encode_forward(const EncodeArgs& args) {
   const bool bf16 = args.W_enc.scalar_type() == at::kBFloat16;
   if (args.routed) {
     if (args.max_children == 0) {
-      args.idx.fill_(args.level_offset), args.scores.fill_(kNegInf), args.parent_slot.fill_(-1);
+      args.idx.fill_(0), args.scores.fill_(kNegInf), args.parent_slot.fill_(-1);
       return;
     }
     bf16 ? encode_routed_impl<BFloat16>(args) : encode_routed_impl<float>(args);

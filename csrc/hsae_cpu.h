@@ -12,10 +12,13 @@ namespace hsae_cpu {
 
 using OptionalTensor = c10::optional<at::Tensor>;
 
+// One level's encode. W_enc, b_enc, edge_weight, path_mask, parent are that level's rows only, and
+// every id is level-local: parent[f] and parent_idx index the level above, child_ids and the
+// returned idx this level (so each level's W_enc gradient is its own slice, not an F x d buffer).
 struct EncodeArgs {
   at::Tensor xc, W_enc, b_enc, edge_weight, path_mask, parent;
   OptionalTensor parent_idx, parent_vals, child_ptr, child_ids;
-  int64_t max_children, level_offset, level_size, kmax;
+  int64_t max_children, kmax;
   bool routed;
   at::Tensor idx, scores, parent_slot;  // (N, kmax) outputs
 };

@@ -28,29 +28,35 @@ def encode(
     b_enc: torch.Tensor,
     edge_weight: torch.Tensor,
     path_mask: torch.Tensor,
-    parent: torch.Tensor,
     threshold: torch.Tensor,
     plan: TreePlan,
     cfg: HSAEConfig,
     selection: str,
     backend: str,
 ) -> list[LevelCodes]:
-    """xc = x - b_dec, (N, d). Levels are encoded top first; returns codes bottom first."""
+    """xc = x - b_dec, (N, d). Levels are encoded top first; returns codes bottom first (global ids).
+
+    Each level's op gets views of its own rows of W_enc, b_enc, edge_weight (torch.split), so its
+    backward returns a (F_l, d) gradient and autograd assembles W_enc's once; ids cross the op
+    boundary level-local."""
     L = cfg.num_levels
+    sizes = list(plan.level_sizes)
+    W_lv, b_lv, e_lv, m_lv = (torch.split(t, sizes) for t in (W_enc, b_enc, edge_weight, path_mask))
     codes: list[Optional[LevelCodes]] = [None] * L
+    above_local = None  # the level above's local ids
     for l in reversed(range(L)):
         above = codes[l + 1] if l < L - 1 else None
         children = plan.children[l] if l < L - 1 else None
         scores, idx, _slot = encode_level(
-            xc, W_enc, b_enc, edge_weight, path_mask, parent,
-            above.idx if above else None, above.vals if above else None,
+            xc, W_lv[l], b_lv[l], e_lv[l], m_lv[l], plan.local_parent[l],
+            above_local, above.vals if above else None,
             children.child_ptr if children else None, children.child_ids if children else None,
             children.max_children if children else 0,
-            plan.level_offsets[l], plan.level_sizes[l], cfg.kmax(l, selection),
-            cfg.gating == "hard" and above is not None, backend,
+            cfg.kmax(l, selection), cfg.gating == "hard" and above is not None, backend,
         )
         kept = select_candidates(scores, cfg.k[l], selection, threshold[l])
-        codes[l] = LevelCodes(idx, activations(scores, kept), scores)
+        codes[l] = LevelCodes(idx + plan.level_offsets[l], activations(scores, kept), scores)
+        above_local = idx
     return codes
 
 

@@ -104,7 +104,7 @@ class HSAELayer(nn.Module):
         """(N, d) -> per-level LevelCodes (N, kmax_l), bottom first."""
         selection = selection or self.default_selection()
         return functional.encode(
-            x2 - self.b_dec, self.W_enc, self.b_enc, self.edge_weight, self.path_mask, self.parent,
+            x2 - self.b_dec, self.W_enc, self.b_enc, self.edge_weight, self.path_mask,
             self.threshold, self.tree_plan(), self.cfg, selection, self.backend_for(x2.device),
         )
 

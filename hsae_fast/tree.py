@@ -44,7 +44,8 @@ class ChildLists:
     """Unpruned children of every parent of one level pair, grouped by parent (CSR).
 
     child_ptr: (F_{l+1} + 1,) int64; the children of parent p (local id in level l+1) are
-    child_ids[child_ptr[p]:child_ptr[p+1]] (global ids, ascending). max_children: the widest group.
+    child_ids[child_ptr[p]:child_ptr[p+1]] (local ids in level l, ascending). max_children: the
+    widest group.
     Under the default map each group is a contiguous range of level l, so routed encodes read
     contiguous blocks of W_enc; a custom map is handled through the same lists.
     """
@@ -61,6 +62,9 @@ class TreePlan:
     level_sizes: tuple[int, ...]
     level_offsets: tuple[int, ...]
     children: tuple[ChildLists, ...]  # children[l]: level l's features grouped by their parent in l+1
+    # local_parent[l]: (F_l,) each feature's parent as a local id in level l + 1 (-1 at the top):
+    # the encode op sees one level's rows and level-local ids only.
+    local_parent: tuple[torch.Tensor, ...]
 
     @staticmethod
     def build(cfg: HSAEConfig, parent: torch.Tensor, path_mask: torch.Tensor) -> "TreePlan":
@@ -75,5 +79,7 @@ class TreePlan:
             ptr = torch.zeros(sizes[l + 1] + 1, dtype=torch.int64, device=parent.device)
             ptr[1:] = torch.cumsum(counts, 0)
             max_children = int(counts.max()) if counts.numel() else 0
-            children.append(ChildLists(ptr, ids[order].contiguous(), max_children))
-        return TreePlan(tuple(sizes), tuple(offsets), tuple(children))
+            children.append(ChildLists(ptr, (ids[order] - offsets[l]).contiguous(), max_children))
+        local_parent = [parent[o: o + s] - offsets[l + 1] for l, (o, s) in enumerate(zip(offsets[:-1], sizes[:-1]))]
+        local_parent.append(torch.full((sizes[-1],), -1, dtype=torch.int64, device=parent.device))
+        return TreePlan(tuple(sizes), tuple(offsets), tuple(children), tuple(local_parent))

@@ -42,12 +42,12 @@ def _score_of_key(high):
 
 @triton.jit
 def _score_tile(xc_ptr, w_ptr, b_ptr, live_ptr, edge_ptr, parent_ptr, pidx_ptr, pval_ptr,
-                rows, row_ok, f0, chunk_hi, d, kp, level_offset,
+                rows, row_ok, f0, chunk_hi, d, kp,
                 HAS_PARENT: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Scores (BLOCK_N, BLOCK_F) of features level_offset + f0 + [0, BLOCK_F), -inf where pruned or
+    """Scores (BLOCK_N, BLOCK_F) of the level's features f0 + [0, BLOCK_F), -inf where pruned or
     outside the chunk, and each entry's parent slot (-1: none)."""
-    feats = level_offset + f0 + tl.arange(0, BLOCK_F)
+    feats = f0 + tl.arange(0, BLOCK_F)
     feat_ok = f0 + tl.arange(0, BLOCK_F) < chunk_hi
     acc = tl.zeros((BLOCK_N, BLOCK_F), ACC)
     for k0 in range(0, d, BLOCK_D):
@@ -78,7 +78,7 @@ def _dense_topk_kernel(
     xc_ptr, w_ptr, b_ptr, live_ptr,            # xc (N, d); W_enc (F, d); b_enc (F,); path_mask (F,) int8
     edge_ptr, parent_ptr, pidx_ptr, pval_ptr,  # edge_weight (F,), parent (F,); parent codes (N, kp): HAS_PARENT only
     out_score_ptr, out_id_ptr, out_slot_ptr,   # partial winners (N, n_chunks, KMAX)
-    N, d, kp, level_offset, level_size, chunk_size, n_chunks,
+    N, d, kp, level_size, chunk_size, n_chunks,
     KMAX: tl.constexpr, KPAD: tl.constexpr, SLOT_BITS: tl.constexpr,
     HAS_PARENT: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -97,14 +97,14 @@ def _dense_topk_kernel(
                         0x7FFFFFFFFFFFFFFF) + tl.zeros((BLOCK_N, KPAD), tl.int64)
     else:
         best = tl.where(best_cols[None, :] < KMAX, float("-inf"), float("inf")) + tl.zeros((BLOCK_N, KPAD), ACC)
-        best_id = tl.zeros((BLOCK_N, KPAD), tl.int32) + level_offset
+        best_id = tl.zeros((BLOCK_N, KPAD), tl.int32)
         best_slot = tl.zeros((BLOCK_N, KPAD), tl.int32) - 1
 
     chunk_lo = chunk * chunk_size
     chunk_hi = tl.minimum(chunk_lo + chunk_size, level_size)
     for f0 in range(chunk_lo, chunk_hi, BLOCK_F):
         s, slot = _score_tile(xc_ptr, w_ptr, b_ptr, live_ptr, edge_ptr, parent_ptr, pidx_ptr, pval_ptr,
-                              rows, row_ok, f0, chunk_hi, d, kp, level_offset,
+                              rows, row_ok, f0, chunk_hi, d, kp,
                               HAS_PARENT, ACC, DOT, PRECISION, BLOCK_N, BLOCK_F, BLOCK_D)
         # Fold the tile into the running winners: move each row's tile maximum in while it beats
         # the row's worst winner (a row's maximum that does not improve it never will: dropped).
@@ -127,7 +127,7 @@ def _dense_topk_kernel(
                 at_top = tile_cols[None, :] == top_col[:, None]
                 put = (best_cols[None, :] == tl.argmin(best, axis=1)[:, None]) & improving[:, None]
                 best = tl.where(put, top[:, None], best)
-                best_id = tl.where(put, (level_offset + f0 + top_col)[:, None], best_id)
+                best_id = tl.where(put, (f0 + top_col)[:, None], best_id)
                 if HAS_PARENT:
                     best_slot = tl.where(put, tl.sum(tl.where(at_top, slot, 0), axis=1)[:, None], best_slot)
                 s = tl.where(at_top, float("-inf"), s)
@@ -139,7 +139,7 @@ def _dense_topk_kernel(
         low = (best & _LOW_MASK).to(tl.int32)
         empty = best <= _DEAD_KEY + KPAD
         best_score = tl.where(empty, float("-inf"), _score_of_key(high))
-        best_id = tl.where(empty, level_offset, level_offset + (low >> SLOT_BITS))
+        best_id = tl.where(empty, 0, low >> SLOT_BITS)
         best_slot = tl.where(empty, -1, (low & ((1 << SLOT_BITS) - 1)) - 1)
     else:
         best_score = best
@@ -177,17 +177,18 @@ def _num_chunks(N: int, level_size: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(2 * num_sms(device), row_blocks), triton.cdiv(level_size, 128)))
 
 
-def encode_dense(xc, W_enc, b_enc, path_mask, level_offset: int, level_size: int, kmax: int,
+def encode_dense(xc, W_enc, b_enc, path_mask, kmax: int,
                  edge_weight=None, parent=None, parent_idx=None, parent_vals=None):
-    """Each token's kmax best unpruned features of level [level_offset, level_offset + level_size).
+    """Each token's kmax best unpruned features of one level (ids level-local, as in the contract).
 
-    xc (N, d) = x - b_dec; W_enc (F, d); b_enc, path_mask (F,). With parent codes (gating "none"
-    below the top): edge_weight, parent (F,), parent_idx / parent_vals (N, kp) add the edge term
+    xc (N, d) = x - b_dec; W_enc (F_l, d); b_enc, path_mask (F_l,). With parent codes (gating "none"
+    below the top): edge_weight, parent (F_l,), parent_idx / parent_vals (N, kp) add the edge term
     and report each winner's parent slot. Returns idx (N, kmax) int64, scores (N, kmax) float32
-    (float64 for float64 input; -inf where no candidate, id `level_offset`), parent_slot (N, kmax).
+    (float64 for float64 input; -inf where no candidate, id 0), parent_slot (N, kmax).
     """
     xc, W_enc, b_enc = xc.contiguous(), W_enc.contiguous(), b_enc.contiguous()
     N, d = xc.shape
+    level_size = W_enc.shape[0]
     device = xc.device
     has_parent = parent_idx is not None
     acc_torch = torch.float64 if xc.dtype == torch.float64 else torch.float32
@@ -215,10 +216,10 @@ def encode_dense(xc, W_enc, b_enc, path_mask, level_offset: int, level_size: int
         kernel[grid](
             xc, W_enc, b_enc, live, edge_arg, parent_arg, pidx_arg, pval_arg,
             part_scores, part_ids, part_slots,
-            N, d, kp, level_offset, level_size, chunk_size, n_chunks,
+            N, d, kp, level_size, chunk_size, n_chunks,
             KMAX=kmax, KPAD=triton.next_power_of_2(kmax), SLOT_BITS=slot_bits, HAS_PARENT=has_parent,
             ACC=acc_dtype(xc.dtype), DOT=dot_operand_dtype(xc.dtype), PRECISION=dot_precision(xc.dtype),
             **blocks,
         )
     return top_candidates(part_scores.view(N, -1), part_ids.view(N, -1),
-                          part_slots.view(N, -1) if has_parent else None, kmax, level_offset)
+                          part_slots.view(N, -1) if has_parent else None, kmax)

@@ -75,7 +75,7 @@ def _child_block(max_children: int) -> int:
     return min(max(16, triton.next_power_of_2(max_children)), _MAX_BLOCK_C)
 
 
-def _group_pairs_by_parent(parent_idx, parent_vals, parent_offset: int, num_parents: int, block_t: int):
+def _group_pairs_by_parent(parent_idx, parent_vals, num_parents: int, block_t: int):
     """Sort the (token, active parent) pairs by parent and cut each parent's run into blocks.
 
     Returns pair_order (N * kp,), pair_ptr (num_parents + 1,), block_ptr (num_parents + 1,) and
@@ -84,7 +84,7 @@ def _group_pairs_by_parent(parent_idx, parent_vals, parent_offset: int, num_pare
     """
     device = parent_idx.device
     active = parent_vals != 0
-    bucket = torch.where(active, parent_idx - parent_offset, num_parents).reshape(-1)
+    bucket = torch.where(active, parent_idx, num_parents).reshape(-1)
     pair_order = torch.sort(bucket, stable=True).indices
     counts = torch.bincount(bucket, minlength=num_parents + 1)[:num_parents]
     zero = torch.zeros(1, dtype=torch.int64, device=device)
@@ -97,13 +97,13 @@ def _group_pairs_by_parent(parent_idx, parent_vals, parent_offset: int, num_pare
 
 
 def encode_routed(xc, W_enc, b_enc, edge_weight, parent_idx, parent_vals, child_ptr, child_ids,
-                  max_children: int, level_offset: int, level_size: int, kmax: int):
+                  max_children: int, kmax: int):
     """Each token's kmax best children of its active parents (hard gating).
 
     xc (N, d); parent_idx / parent_vals (N, kp) the level above's codes (value 0: inactive);
-    child_ptr (P + 1,), child_ids: unpruned children of each parent (local id in the level above).
+    child_ptr (P + 1,), child_ids: unpruned children of each parent; all ids level-local.
     Returns idx (N, kmax) int64, scores (N, kmax) float32 (float64 for float64 input; -inf where
-    no candidate, id `level_offset`), parent_slot (N, kmax) int64: the slot j of the child's parent.
+    no candidate, id 0), parent_slot (N, kmax) int64: the slot j of the child's parent.
     """
     xc, W_enc = xc.contiguous(), W_enc.contiguous()
     N, d = xc.shape
@@ -116,7 +116,7 @@ def encode_routed(xc, W_enc, b_enc, edge_weight, parent_idx, parent_vals, child_
     if N and C and child_ids.numel():
         blocks = _INTERPRETER_BLOCKS if INTERPRETED else _GPU_BLOCKS
         pair_order, pair_ptr, block_ptr, block_parent = _group_pairs_by_parent(
-            parent_idx, parent_vals, level_offset + level_size, num_parents, blocks["BLOCK_T"])
+            parent_idx, parent_vals, num_parents, blocks["BLOCK_T"])
         _routed_scores_kernel[(block_parent.numel(),)](
             xc, W_enc, b_enc.contiguous(), edge_weight.contiguous(), parent_vals.contiguous(),
             pair_order, pair_ptr, block_ptr, block_parent, child_ptr, child_ids,
@@ -125,4 +125,4 @@ def encode_routed(xc, W_enc, b_enc, edge_weight, parent_idx, parent_vals, child_
             ACC=acc_dtype(xc.dtype), DOT=dot_operand_dtype(xc.dtype), PRECISION=dot_precision(xc.dtype),
             BLOCK_C=_child_block(C), **blocks,
         )
-    return top_candidates(cand_scores, cand_ids, None, kmax, level_offset, slot_width=max(C, 1))
+    return top_candidates(cand_scores, cand_ids, None, kmax, slot_width=max(C, 1))

@@ -13,13 +13,13 @@ from hsae_fast.backends.common import new_output
 
 
 def top_candidates(cand_scores: torch.Tensor, cand_ids: torch.Tensor, cand_slots: torch.Tensor | None,
-                   kmax: int, level_offset: int, slot_width: int = 0):
+                   kmax: int, slot_width: int = 0):
     """Each row's kmax best candidates, in the encode contract's layout.
 
-    cand_scores (N, M) (-inf: no candidate), cand_ids (N, M) global ids, cand_slots (N, M) parent
+    cand_scores (N, M) (-inf: no candidate), cand_ids (N, M) level-local ids, cand_slots (N, M) parent
     slots or None; with `slot_width` > 0 the parent slot is the candidate's column // slot_width
     (the routed layout). Returns idx (N, kmax) int64, scores (N, kmax), parent_slot (N, kmax) int64;
-    slots without a candidate hold -inf, id `level_offset` and parent slot -1.
+    slots without a candidate hold -inf, id 0 and parent slot -1.
     """
     N, M = cand_scores.shape
     device = cand_scores.device
@@ -30,7 +30,7 @@ def top_candidates(cand_scores: torch.Tensor, cand_ids: torch.Tensor, cand_slots
     top_scores, top_pos = cand_scores.topk(width, dim=1)
     empty = top_scores == float("-inf")
     scores[:, :width] = top_scores
-    idx[:, :width] = torch.where(empty, level_offset, cand_ids.gather(1, top_pos).to(torch.int64))
+    idx[:, :width] = torch.where(empty, 0, cand_ids.gather(1, top_pos).to(torch.int64))
     if slot_width > 0:
         slots = top_pos // slot_width
     elif cand_slots is not None:
@@ -39,6 +39,6 @@ def top_candidates(cand_scores: torch.Tensor, cand_ids: torch.Tensor, cand_slots
         slots = torch.full_like(top_pos, -1)
     parent_slot[:, :width] = torch.where(empty, -1, slots)
     scores[:, width:] = float("-inf")
-    idx[:, width:] = level_offset
+    idx[:, width:] = 0
     parent_slot[:, width:] = -1
     return idx, scores, parent_slot

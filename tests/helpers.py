@@ -67,6 +67,23 @@ class BackendRun:
     grads: dict  # name -> gradient (float64), "x" included
 
 
+def level_op_inputs(layer: HSAELayer, level: int, above=None, leaf_weights: bool = False) -> tuple:
+    """The backend encode's arguments (after xc) for one level of `layer`: that level's rows of the
+    weights and the tree, level-local ids. `above`: the level above's (local idx, vals).
+    `leaf_weights`: detached copies that require grad (for opcheck), else detached views."""
+    cfg, plan = layer.cfg, layer.tree_plan()
+    top = level == cfg.num_levels - 1
+    rows = slice(cfg.level_offsets[level], cfg.level_offsets[level] + cfg.level_sizes[level])
+    W, b, e = (p.detach()[rows] for p in (layer.W_enc, layer.b_enc, layer.edge_weight))
+    if leaf_weights:
+        W, b, e = (t.clone().requires_grad_(True) for t in (W, b, e))
+    children = None if top else plan.children[level]
+    return (W, b, e, layer.path_mask[rows], plan.local_parent[level],
+            None if top else above[0], None if top else above[1],
+            None if top else children.child_ptr, None if top else children.child_ids,
+            0 if top else children.max_children, cfg.kmax(level), not top and cfg.gating == "hard")
+
+
 def densify(layer: HSAELayer, levels) -> tuple[list, list]:
     cfg = layer.cfg
     active, dense = [], []

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_close, random_layer
+from helpers import assert_close, level_op_inputs, random_layer
 from hsae_fast import HSAEConfig, available_backends
 from hsae_fast.backends import cpp, resolve_backend, torch_sparse
 from hsae_fast.ops import encode_level, sparse_decode
@@ -29,15 +29,8 @@ def big_layer(dtype=torch.float32, gating="hard", selection="batch", seed=11):
 
 
 def level_args(layer, xc, level, above):
-    """encode_forward's arguments for one level, given the level above's (idx, vals)."""
-    cfg, plan = layer.cfg, layer.tree_plan()
-    top = level == cfg.num_levels - 1
-    children = None if top else plan.children[level]
-    return (xc, layer.W_enc.detach(), layer.b_enc.detach(), layer.edge_weight.detach(), layer.path_mask, layer.parent,
-            None if top else above[0], None if top else above[1],
-            None if top else children.child_ptr, None if top else children.child_ids,
-            0 if top else children.max_children, cfg.level_offsets[level], cfg.level_sizes[level],
-            cfg.kmax(level), not top and cfg.gating == "hard")
+    """encode_forward's arguments for one level, given the level above's (local idx, vals)."""
+    return (xc, *level_op_inputs(layer, level, above))
 
 
 def assert_same_selection(got, want, tol):
@@ -148,10 +141,12 @@ def test_opcheck_routed_and_backward_ops():
     torch.library.opcheck(encode_level, routed)
     r_scores, r_idx, r_slot = encode_level(*routed)
     torch.library.opcheck(torch.ops.hsae_fast.encode_level_backward.default, (
-        torch.randn_like(r_scores), r_idx, r_slot, xc.detach(), layer.W_enc.detach(), layer.edge_weight.detach(),
+        torch.randn_like(r_scores), r_idx, r_slot, xc.detach(), routed[1], routed[3],
         vals.detach(), True, True, True, True, "cpp"))
     # The two upper levels decoded with prefixes: their slots side by side, bottom first.
-    all_idx, all_vals = torch.cat([r_idx, idx], 1), torch.cat([torch.rand_like(r_scores), vals.detach()], 1)
+    offsets = layer.cfg.level_offsets  # the decode takes global ids
+    all_idx = torch.cat([r_idx + offsets[1], idx + offsets[2]], 1)
+    all_vals = torch.cat([torch.rand_like(r_scores), vals.detach()], 1)
     widths, gain = [r_idx.shape[1], idx.shape[1]], layer.level_gain.detach()[1:].clone()
     torch.library.opcheck(sparse_decode, (all_idx, all_vals.requires_grad_(True), layer.W_dec,
                                           gain.requires_grad_(True), layer.b_dec, widths, True, "cpp"))

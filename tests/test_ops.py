@@ -3,23 +3,15 @@ torch.library.opcheck on every usable backend, so torch.compile can trace them."
 import pytest
 import torch
 
-from helpers import random_layer, usable_backends
+from helpers import level_op_inputs, random_layer, usable_backends
 from hsae_fast import HSAEConfig
 from hsae_fast.ops import encode_level, sparse_decode
 
 
 def _level_inputs(layer, x, level, parent_codes):
-    cfg, plan = layer.cfg, layer.tree_plan()
-    top = level == cfg.num_levels - 1
-    children = None if top else plan.children[level]
-    return (
-        (x - layer.b_dec).detach().requires_grad_(True), layer.W_enc, layer.b_enc, layer.edge_weight,
-        layer.path_mask, layer.parent,
-        None if top else parent_codes[0], None if top else parent_codes[1].detach().requires_grad_(True),
-        None if top else children.child_ptr, None if top else children.child_ids,
-        0 if top else children.max_children, cfg.level_offsets[level], cfg.level_sizes[level], cfg.kmax(level),
-        not top and cfg.gating == "hard", layer.backend,
-    )
+    above = None if parent_codes is None else (parent_codes[0], parent_codes[1].detach().requires_grad_(True))
+    xc = (x - layer.b_dec).detach().requires_grad_(True)
+    return (xc, *level_op_inputs(layer, level, above, leaf_weights=True), layer.backend)
 
 
 @pytest.mark.parametrize("backend", usable_backends())

@@ -43,13 +43,13 @@ def _dev(*tensors):
     return [t.to(DEVICE) if t is not None else None for t in tensors]
 
 
-def _assert_same_codes(got, want, dtype, offset):
+def _assert_same_codes(got, want, dtype):
     """Same ids, parent slots and scores per row, in any order; slots without a candidate padded as the contract says."""
     (g_idx, g_s, g_slot), (w_idx, w_s, w_slot) = [[t.cpu() for t in triple] for triple in (got, want)]
     assert g_idx.dtype == torch.int64 and g_slot.dtype == torch.int64
     g_empty, w_empty = g_s == float("-inf"), w_s == float("-inf")
     assert torch.equal(g_empty.sum(1), w_empty.sum(1)), "a row has a different number of candidates"
-    assert (g_idx[g_empty] == offset).all() and (g_slot[g_empty] == -1).all(), "empty slots: id level_offset, slot -1"
+    assert (g_idx[g_empty] == 0).all() and (g_slot[g_empty] == -1).all(), "empty slots: id 0, slot -1"
     # Order within a row is free: compare rows sorted by id, empty slots last.
     big = torch.iinfo(torch.int64).max
     g_order = g_idx.masked_fill(g_empty, big).argsort(dim=1, stable=True)
@@ -80,29 +80,27 @@ def test_dense_encode_matches_torch(shape, dtype, with_parent, chunks, monkeypat
     N, d, size, kmax = DENSE_SHAPES[shape]
     gen = _gen("dense", shape, dtype, with_parent, chunks)
     monkeypatch.setattr(encode_dense_module, "_num_chunks", lambda *_: chunks)
-    offset, parents = 3, 4  # the level sits between 3 lower features and 4 parents
-    F = offset + size + parents
-    xc, W = torch.randn(N, d, generator=gen).to(dtype), torch.randn(F, d, generator=gen).to(dtype)
-    b, edge = torch.randn(F, generator=gen).to(dtype), torch.randn(F, generator=gen).to(dtype)
-    mask = torch.rand(F, generator=gen) > 0.25
-    parent = torch.full((F,), -1)
-    parent[offset:offset + size] = offset + size + torch.randint(0, parents, (size,), generator=gen)
+    parents = 4  # the level's features hang under 4 parents (local ids of the level above)
+    xc, W = torch.randn(N, d, generator=gen).to(dtype), torch.randn(size, d, generator=gen).to(dtype)
+    b, edge = torch.randn(size, generator=gen).to(dtype), torch.randn(size, generator=gen).to(dtype)
+    mask = torch.rand(size, generator=gen) > 0.25
+    parent = torch.randint(0, parents, (size,), generator=gen)
     p_idx = p_vals = None
     if with_parent:
-        p_idx = offset + size + torch.stack([torch.randperm(parents, generator=gen)[:3] for _ in range(N)])
+        p_idx = torch.stack([torch.randperm(parents, generator=gen)[:3] for _ in range(N)])
         p_vals = (torch.rand(N, 3, generator=gen) * (torch.rand(N, 3, generator=gen) > 0.3)).to(torch.float32)
     args = _dev(xc, W, b, edge, mask, parent, p_idx, p_vals)
     with poisoned_outputs():
-        got = triton_backend.encode_forward(*args, None, None, 0, offset, size, kmax, False)
+        got = triton_backend.encode_forward(*args, None, None, 0, kmax, False)
     # The torch backend finds a child's parent activation through the child lists.
-    children = torch.arange(offset, offset + size)[mask[offset:offset + size]]
-    local_parent = parent[children] - offset - size
+    children = torch.arange(size)[mask]
+    local_parent = parent[children]
     counts = torch.bincount(local_parent, minlength=parents)
     child_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
     child_ids = children[torch.sort(local_parent, stable=True).indices]
     want = torch_sparse.encode_forward(xc, W, b, edge, mask, parent, p_idx, p_vals, child_ptr, child_ids,
-                                       int(counts.max()), offset, size, kmax, False)
-    _assert_same_codes(got, want, dtype, offset)
+                                       int(counts.max()), kmax, False)
+    _assert_same_codes(got, want, dtype)
 
 
 def test_auxk_candidates_from_the_dense_encode():
@@ -112,7 +110,7 @@ def test_auxk_candidates_from_the_dense_encode():
     N, d, F, k_aux = 21, 9, 70, 5
     xc, W, b = torch.randn(N, d, generator=gen), torch.randn(F, d, generator=gen), torch.randn(F, generator=gen)
     dead = torch.rand(F, generator=gen) < 0.3
-    idx, scores, _ = triton_backend.encode_forward(*_dev(xc, W, b, b, dead, None), None, None, None, None, 0, 0, F, k_aux, False)
+    idx, scores, _ = triton_backend.encode_forward(*_dev(xc, W, b, b, dead, None), None, None, None, None, 0, k_aux, False)
     dense = (xc @ W.T + b).masked_fill(~dead, float("-inf"))
     want = dense.topk(k_aux, dim=1)
     assert torch.equal(idx.cpu().sort(dim=1).values, want.indices.sort(dim=1).values)
@@ -123,10 +121,10 @@ def test_dense_encode_errors_name_the_problem():
     xc, W = _dev(torch.randn(2, 3), torch.randn(4, 3))
     b, mask = _dev(torch.zeros(4), torch.ones(4, dtype=torch.bool))
     with pytest.raises(TypeError, match="dtype torch.int32 is not supported"):
-        triton_backend.encode_forward(xc.int(), W.int(), b, b, mask, None, None, None, None, None, 0, 0, 4, 2, False)
+        triton_backend.encode_forward(xc.int(), W.int(), b, b, mask, None, None, None, None, None, 0, 2, False)
     p_idx, p_vals = _dev(torch.zeros(2, 300, dtype=torch.int64), torch.zeros(2, 300))
     with pytest.raises(ValueError, match="level_size=5000000 with 9 parent-slot bits"):
-        kernels.encode_dense.encode_dense(xc, W, b, mask, 0, 5_000_000, 2, b, b, p_idx, p_vals)
+        kernels.encode_dense.encode_dense(xc, W[:1].expand(5_000_000, 3), b, mask, 2, b, b, p_idx, p_vals)
 
 
 # --------------------------------------------------------------------------------------- routed encode
@@ -141,11 +139,12 @@ def _routed_case(N, d, sizes, dtype, gen, kp, custom_parent):
     pruned[: sizes[0]] |= parent[: sizes[0]] == sizes[0]  # parent 0 loses every child
     plan = TreePlan.build(cfg, parent, ~pruned)
     lists = plan.children[0]
-    p_idx = sizes[0] + torch.stack([torch.randperm(sizes[1], generator=gen)[:kp] for _ in range(N)])
+    p_idx = torch.stack([torch.randperm(sizes[1], generator=gen)[:kp] for _ in range(N)])  # local ids
     p_vals = torch.rand(N, kp, generator=gen) * (torch.rand(N, kp, generator=gen) > 0.25)
-    tensors = (torch.randn(N, d, generator=gen).to(dtype), torch.randn(F, d, generator=gen).to(dtype),
-               torch.randn(F, generator=gen).to(dtype), torch.randn(F, generator=gen).to(dtype), ~pruned, parent,
-               p_idx, p_vals.to(torch.float32), lists.child_ptr, lists.child_ids)
+    n0 = sizes[0]  # the encode sees the child level's rows only
+    tensors = (torch.randn(N, d, generator=gen).to(dtype), torch.randn(F, d, generator=gen).to(dtype)[:n0],
+               torch.randn(F, generator=gen).to(dtype)[:n0], torch.randn(F, generator=gen).to(dtype)[:n0],
+               (~pruned)[:n0], plan.local_parent[0], p_idx, p_vals.to(torch.float32), lists.child_ptr, lists.child_ids)
     return tensors, lists.max_children
 
 
@@ -165,9 +164,9 @@ def test_routed_encode_matches_torch(shape, dtype, custom_parent):
     N, d, sizes, kp, kmax = ROUTED_SHAPES[shape]
     tensors, C = _routed_case(N, d, sizes, dtype, _gen("routed", shape, dtype, custom_parent), kp, custom_parent)
     with poisoned_outputs():
-        got = triton_backend.encode_forward(*_dev(*tensors), C, 0, sizes[0], kmax, True)
-    want = torch_sparse.encode_forward(*tensors, C, 0, sizes[0], kmax, True)
-    _assert_same_codes(got, want, dtype, 0)
+        got = triton_backend.encode_forward(*_dev(*tensors), C, kmax, True)
+    want = torch_sparse.encode_forward(*tensors, C, kmax, True)
+    _assert_same_codes(got, want, dtype)
 
 
 def test_routed_encode_with_every_candidate_pruned():
@@ -176,8 +175,8 @@ def test_routed_encode_with_every_candidate_pruned():
     empty_ptr, no_children = torch.zeros(5, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
     with poisoned_outputs():
         idx, scores, slot = triton_backend.encode_forward(
-            *_dev(xc, W, b, edge, torch.zeros(12, dtype=torch.bool), parent, p_idx, p_vals, empty_ptr, no_children),
-            0, 0, 8, 3, True)
+            *_dev(xc, W, b, edge, torch.zeros(8, dtype=torch.bool), parent, p_idx, p_vals, empty_ptr, no_children),
+            0, 3, True)
     assert (scores.cpu() == float("-inf")).all() and (idx.cpu() == 0).all() and (slot.cpu() == -1).all()
 
 
@@ -283,13 +282,12 @@ def test_encodes_hold_no_n_by_f_buffer():
     N, d, sizes, kp, kmax = 64, 4, (512, 64), 2, 4
     tensors, C = _routed_case(N, d, sizes, torch.float32, _gen("memory"), kp, False)
     xc, W, b, edge, mask, parent, p_idx, p_vals, ptr, ids = _dev(*tensors)
-    F = sum(sizes)
+    F = sizes[0]  # the level's rows
     inputs = 8 * max(F * d, N * d, F)  # bytes, int64 included
     with _LargestAllocation() as routed:
-        codes = triton_backend.encode_forward(xc, W, b, edge, mask, parent, p_idx, p_vals, ptr, ids, C,
-                                              0, sizes[0], kmax, True)
+        codes = triton_backend.encode_forward(xc, W, b, edge, mask, parent, p_idx, p_vals, ptr, ids, C, kmax, True)
     with _LargestAllocation() as dense:
-        triton_backend.encode_forward(xc, W, b, edge, mask, parent, None, None, None, None, 0, 0, sizes[0], kmax, False)
+        triton_backend.encode_forward(xc, W, b, edge, mask, parent, None, None, None, None, 0, kmax, False)
     with _LargestAllocation() as backward:
         triton_backend.encode_backward(torch.ones_like(codes[1]), codes[0], codes[2], xc, W, edge, p_vals,
                                        True, True, True, True)

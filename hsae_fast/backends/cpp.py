@@ -92,11 +92,11 @@ def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def encode_forward(xc, W_enc, b_enc, edge_weight, path_mask, parent, parent_idx, parent_vals, child_ptr, child_ids,
-                   max_children: int, level_offset: int, level_size: int, kmax: int, routed: bool):
+                   max_children: int, kmax: int, routed: bool):
     """See `torch_sparse.encode_forward`."""
     if W_enc.dtype == torch.float64:
         return torch_sparse.encode_forward(xc, W_enc, b_enc, edge_weight, path_mask, parent, parent_idx, parent_vals,
-                                           child_ptr, child_ids, max_children, level_offset, level_size, kmax, routed)
+                                           child_ptr, child_ids, max_children, kmax, routed)
     N = xc.shape[0]
     idx = new_output((N, kmax), torch.int64, xc.device)
     scores = new_output((N, kmax), torch.float32, xc.device)
@@ -106,7 +106,7 @@ def encode_forward(xc, W_enc, b_enc, edge_weight, path_mask, parent, parent_idx,
     _ext().encode_forward(
         xc_in, _weights(W_enc), _f32(b_enc), _f32(edge_weight), path_mask.contiguous(), parent.contiguous(),
         _contiguous(parent_idx), _f32(parent_vals), _contiguous(child_ptr), _contiguous(child_ids),
-        max_children, level_offset, level_size, kmax, routed, idx, scores, parent_slot,
+        max_children, kmax, routed, idx, scores, parent_slot,
     )
     return idx, scores, parent_slot
 

@@ -63,13 +63,13 @@ def _gather_dot(rows: torch.Tensor, table: torch.Tensor, idx: torch.Tensor) -> t
     return out
 
 
-def _route_candidates(parent_idx, parent_vals, child_ptr, child_ids, max_children, parent_offset):
-    """Children of each token's active parents, padded: cand (N, kp, C) global ids, valid (N, kp, C)."""
+def _route_candidates(parent_idx, parent_vals, child_ptr, child_ids, max_children):
+    """Children of each token's active parents, padded: cand (N, kp, C) ids, valid (N, kp, C)."""
     N, kp = parent_idx.shape
     ar = torch.arange(max_children, device=parent_idx.device)
-    p_local = (parent_idx - parent_offset).clamp(min=0)
-    start = child_ptr[p_local]
-    count = torch.where(parent_vals != 0, child_ptr[p_local + 1] - start, 0)
+    p = parent_idx.clamp(min=0)
+    start = child_ptr[p]
+    count = torch.where(parent_vals != 0, child_ptr[p + 1] - start, 0)
     valid = ar < count[..., None]
     pos = (start[..., None] + ar).clamp(max=max(child_ids.numel() - 1, 0))
     cand = child_ids[pos] if child_ids.numel() else torch.zeros_like(pos)
@@ -95,16 +95,19 @@ def encode_forward(
     child_ptr: Optional[torch.Tensor],
     child_ids: Optional[torch.Tensor],
     max_children: int,
-    level_offset: int,
-    level_size: int,
     kmax: int,
     routed: bool,
 ):
     """Scores of one level and each token's kmax best candidates.
 
-    Returns idx (N, kmax) int64 global ids, scores (N, kmax) float32 (float64 for float64 input;
-    -inf in slots with no candidate, whose id is then `level_offset`), parent_slot (N, kmax) int64:
-    the slot in parent_idx of the feature's parent if that parent is active, else -1.
+    W_enc (F_l, d), b_enc, edge_weight, path_mask, parent (F_l,) are this level's rows only, and
+    every id is level-local: parent[f] and parent_idx (N, kp) index the level above, child_ids and
+    the returned idx this level. (So autograd gives each level's W_enc gradient as its own
+    (F_l, d) slice: no level writes or sums a buffer of the whole dictionary.)
+
+    Returns idx (N, kmax) int64, scores (N, kmax) float32 (float64 for float64 input; -inf in slots
+    with no candidate, whose id is then 0), parent_slot (N, kmax) int64: the slot in parent_idx of
+    the feature's parent if that parent is active, else -1.
     """
     acc = accumulation_dtype(xc.dtype)
     N, d = xc.shape
@@ -112,13 +115,12 @@ def encode_forward(
     idx = new_output((N, kmax), torch.int64, xc.device)
     scores = new_output((N, kmax), acc, xc.device)
     parent_slot = new_output((N, kmax), torch.int64, xc.device)
-    lvl = slice(level_offset, level_offset + level_size)
-    parent_offset = level_offset + level_size
+    level_size = W_enc.shape[0]
     if routed:
         if max_children == 0:
-            idx.fill_(level_offset), scores.fill_(float("-inf")), parent_slot.fill_(-1)
+            idx.fill_(0), scores.fill_(float("-inf")), parent_slot.fill_(-1)
             return idx, scores, parent_slot
-        cand, valid = _route_candidates(parent_idx, parent_vals, child_ptr, child_ids, max_children, parent_offset)
+        cand, valid = _route_candidates(parent_idx, parent_vals, child_ptr, child_ids, max_children)
         kp, C = cand.shape[1], cand.shape[2]
         cand = cand.reshape(N, kp * C)
         s = _gather_dot(xc_acc, W_enc, cand)
@@ -127,26 +129,26 @@ def encode_forward(
         width = min(kmax, kp * C)
         top_s, top_pos = s.topk(width, dim=1)
         scores[:, :width], idx[:, :width], parent_slot[:, :width] = top_s, cand.gather(1, top_pos), top_pos // C
-        scores[:, width:], idx[:, width:] = float("-inf"), level_offset
+        scores[:, width:], idx[:, width:] = float("-inf"), 0
         parent_slot[scores == float("-inf")] = -1
         return idx, scores, parent_slot
 
-    W = W_enc[lvl].to(acc)
-    b = b_enc[lvl].to(acc)
-    pruned = ~path_mask[lvl]
-    use_edges = parent_idx is not None and bool(edge_weight[lvl].any())
+    W = W_enc.to(acc)
+    b = b_enc.to(acc)
+    pruned = ~path_mask
+    use_edges = parent_idx is not None and bool(edge_weight.any())
     if use_edges:
-        cand, valid = _route_candidates(parent_idx, parent_vals, child_ptr, child_ids, max_children, parent_offset)
+        cand, valid = _route_candidates(parent_idx, parent_vals, child_ptr, child_ids, max_children)
         bonus = edge_weight.to(acc)[cand] * parent_vals.to(acc)[..., None] * valid
     width = min(kmax, level_size)
     for a, e in _row_chunks(N, level_size):
         s = torch.addmm(b, xc_acc[a:e], W.T)
         if use_edges:
-            s.scatter_add_(1, (cand[a:e] - level_offset).reshape(e - a, -1), bonus[a:e].reshape(e - a, -1))
+            s.scatter_add_(1, cand[a:e].reshape(e - a, -1), bonus[a:e].reshape(e - a, -1))
         s.masked_fill_(pruned, float("-inf"))
         top_s, top_i = s.topk(width, dim=1)
-        scores[a:e, :width], idx[a:e, :width] = top_s, top_i + level_offset
-    scores[:, width:], idx[:, width:] = float("-inf"), level_offset
+        scores[a:e, :width], idx[a:e, :width] = top_s, top_i
+    scores[:, width:], idx[:, width:] = float("-inf"), 0
     if parent_idx is None:
         parent_slot.fill_(-1)
     else:
@@ -169,7 +171,7 @@ def encode_backward(
 ):
     """Sparse backward of encode_forward through the kept slots (straight-through selection).
 
-    Returns g_xc (N, d), g_W_enc (F, d), g_b_enc (F,), g_edge (F,), g_parent_vals (N, kp), each in
+    Returns g_xc (N, d), g_W_enc (F_l, d), g_b_enc (F_l,), g_edge (F_l,), g_parent_vals (N, kp), each in
     the accumulation dtype, or None when not needed. O(N * K * d), no (N, K, d) buffer.
     """
     acc = accumulation_dtype(xc.dtype)

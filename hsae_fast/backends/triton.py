@@ -38,14 +38,13 @@ def _on(device: torch.device):
 
 
 def encode_forward(xc, W_enc, b_enc, edge_weight, path_mask, parent, parent_idx, parent_vals,
-                   child_ptr, child_ids, max_children: int, level_offset: int, level_size: int,
-                   kmax: int, routed: bool):
+                   child_ptr, child_ids, max_children: int, kmax: int, routed: bool):
     """See `torch_sparse.encode_forward`."""
     with _on(xc.device):
         if routed:
             return encode_routed(xc, W_enc, b_enc, edge_weight, parent_idx, parent_vals, child_ptr, child_ids,
-                                 max_children, level_offset, level_size, kmax)
-        return encode_dense(xc, W_enc, b_enc, path_mask, level_offset, level_size, kmax,
+                                 max_children, kmax)
+        return encode_dense(xc, W_enc, b_enc, path_mask, kmax,
                             edge_weight, parent, parent_idx, parent_vals)
 
 

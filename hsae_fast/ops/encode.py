@@ -24,25 +24,24 @@ def encode_level(
     child_ptr: Optional[Tensor],
     child_ids: Optional[Tensor],
     max_children: int,
-    level_offset: int,
-    level_size: int,
     kmax: int,
     routed: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """xc (N, d) -> scores (N, kmax) float32/64, idx (N, kmax) int64, parent_slot (N, kmax) int64.
+    W_enc, b_enc, edge_weight, path_mask, parent are one level's rows, every id level-local.
     See `torch_sparse.encode_forward` for the contract every backend implements (it returns idx
     first; the op puts the differentiable output first, as opcheck's autograd test expects)."""
     idx, scores, parent_slot = get_backend(backend).encode_forward(
         xc, W_enc, b_enc, edge_weight, path_mask, parent, parent_idx, parent_vals, child_ptr, child_ids,
-        max_children, level_offset, level_size, kmax, routed,
+        max_children, kmax, routed,
     )
     return scores, idx, parent_slot
 
 
 @encode_level.register_fake
 def _(xc, W_enc, b_enc, edge_weight, path_mask, parent, parent_idx, parent_vals, child_ptr, child_ids,
-      max_children, level_offset, level_size, kmax, routed, backend):
+      max_children, kmax, routed, backend):
     N = xc.shape[0]
     acc = accumulation_dtype(xc.dtype)
     return (xc.new_empty((N, kmax), dtype=acc), xc.new_empty((N, kmax), dtype=torch.int64),
@@ -108,7 +107,7 @@ def _backward(ctx, g_scores, _g_idx, _g_slot):
         (g_edge.to(edge_weight.dtype) if has_parent else torch.zeros_like(edge_weight)) if need[3] else None,
         None, None, None,
         g_parent.to(parent_vals.dtype) if need[7] and has_parent else None,
-        None, None, None, None, None, None, None, None,
+        None, None, None, None, None, None,
     )
 
 
