@@ -7,8 +7,7 @@ from typing import Optional
 import torch
 
 from .config import HSAEConfig
-from .ops import encode_level, sparse_decode
-from .selection import activations, select_candidates
+from .ops import encode_tree, sparse_decode
 from .tree import TreePlan
 
 
@@ -34,29 +33,22 @@ def encode(
     selection: str,
     backend: str,
 ) -> list[LevelCodes]:
-    """xc = x - b_dec, (N, d). Levels are encoded top first; returns codes bottom first (global ids).
-
-    Each level's op gets views of its own rows of W_enc, b_enc, edge_weight (torch.split), so its
-    backward returns a (F_l, d) gradient and autograd assembles W_enc's once; ids cross the op
-    boundary level-local."""
+    """xc = x - b_dec, (N, d). Levels are encoded top first (one op for the whole tree: see
+    ops/encode.py); returns codes bottom first, global ids."""
     L = cfg.num_levels
-    sizes = list(plan.level_sizes)
-    W_lv, b_lv, e_lv, m_lv = (torch.split(t, sizes) for t in (W_enc, b_enc, edge_weight, path_mask))
-    codes: list[Optional[LevelCodes]] = [None] * L
-    above_local = None  # the level above's local ids
-    for l in reversed(range(L)):
-        above = codes[l + 1] if l < L - 1 else None
-        children = plan.children[l] if l < L - 1 else None
-        scores, idx, _slot = encode_level(
-            xc, W_lv[l], b_lv[l], e_lv[l], m_lv[l], plan.local_parent[l],
-            above_local, above.vals if above else None,
-            children.child_ptr if children else None, children.child_ids if children else None,
-            children.max_children if children else 0,
-            cfg.kmax(l, selection), cfg.gating == "hard" and above is not None, backend,
-        )
-        kept = select_candidates(scores, cfg.k[l], selection, threshold[l])
-        codes[l] = LevelCodes(idx + plan.level_offsets[l], activations(scores, kept), scores)
-        above_local = idx
+    kmax = [cfg.kmax(l, selection) for l in range(L)]
+    lower = range(L - 1)
+    vals, scores, idx, _slot = encode_tree(
+        xc, W_enc, b_enc, edge_weight, path_mask, threshold, list(plan.local_parent),
+        [plan.children[l].child_ptr for l in lower], [plan.children[l].child_ids for l in lower],
+        list(plan.level_sizes), list(cfg.k), kmax, [plan.children[l].max_children for l in lower],
+        selection, cfg.gating == "hard", backend,
+    )
+    codes, start = [], 0
+    for width in kmax:
+        cols = slice(start, start + width)
+        codes.append(LevelCodes(idx[:, cols], vals[:, cols], scores[:, cols]))
+        start += width
     return codes
 
 

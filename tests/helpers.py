@@ -67,6 +67,19 @@ class BackendRun:
     grads: dict  # name -> gradient (float64), "x" included
 
 
+def tree_op_inputs(layer: HSAELayer, x: torch.Tensor, selection: str = "token") -> tuple:
+    """`hsae_fast::encode_tree`'s arguments for `layer` on x, with leaf copies of the weights that
+    require grad (opcheck differentiates them)."""
+    cfg, plan = layer.cfg, layer.tree_plan()
+    lower = range(cfg.num_levels - 1)
+    leaf = lambda t: t.detach().clone().requires_grad_(True)  # noqa: E731
+    return ((x - layer.b_dec).detach().requires_grad_(True), leaf(layer.W_enc), leaf(layer.b_enc),
+            leaf(layer.edge_weight), layer.path_mask, layer.threshold, list(plan.local_parent),
+            [plan.children[l].child_ptr for l in lower], [plan.children[l].child_ids for l in lower],
+            list(cfg.level_sizes), list(cfg.k), [cfg.kmax(l, selection) for l in range(cfg.num_levels)],
+            [plan.children[l].max_children for l in lower], selection, cfg.gating == "hard", layer.backend)
+
+
 def level_op_inputs(layer: HSAELayer, level: int, above=None, leaf_weights: bool = False) -> tuple:
     """The backend encode's arguments (after xc) for one level of `layer`: that level's rows of the
     weights and the tree, level-local ids. `above`: the level above's (local idx, vals).

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_close, level_op_inputs, random_layer
+from helpers import assert_close, level_op_inputs, random_layer, tree_op_inputs
 from hsae_fast import HSAEConfig, available_backends
 from hsae_fast.backends import cpp, resolve_backend, torch_sparse
-from hsae_fast.ops import encode_level, sparse_decode
+from hsae_fast.ops import encode_tree, sparse_decode
 
 REPO = Path(__file__).resolve().parents[1]
 CPP_OK, CPP_WHY = available_backends()["cpp"]
@@ -132,22 +132,17 @@ def test_bit_identical_run_to_run_and_across_thread_counts(dtype, gating):
 def test_opcheck_routed_and_backward_ops():
     layer = big_layer(selection="token", seed=5)
     x = torch.randn(40, BIG["d_model"], generator=torch.Generator().manual_seed(5))
-    xc = (x - layer.b_dec).detach().requires_grad_(True)
-    top = level_args(layer, xc, 2, None) + ("cpp",)
-    torch.library.opcheck(encode_level, top)
-    scores, idx, slot = encode_level(*top)
-    vals = torch.where(scores > 0, scores, 0.0).detach().requires_grad_(True)
-    routed = level_args(layer, xc, 1, (idx, vals)) + ("cpp",)
-    torch.library.opcheck(encode_level, routed)
-    r_scores, r_idx, r_slot = encode_level(*routed)
-    torch.library.opcheck(torch.ops.hsae_fast.encode_level_backward.default, (
-        torch.randn_like(r_scores), r_idx, r_slot, xc.detach(), routed[1], routed[3],
-        vals.detach(), True, True, True, True, "cpp"))
+    args = tree_op_inputs(layer, x)
+    torch.library.opcheck(encode_tree, args)
+    vals, _scores, idx, slot = encode_tree(*args)
+    xc, W, _b, edge = args[:4]
+    torch.library.opcheck(torch.ops.hsae_fast.encode_tree_backward.default, (
+        torch.randn_like(vals), idx, vals.detach(), slot, xc.detach(), W.detach(), edge.detach(), args[11],
+        True, True, True, "cpp"))
     # The two upper levels decoded with prefixes: their slots side by side, bottom first.
-    offsets = layer.cfg.level_offsets  # the decode takes global ids
-    all_idx = torch.cat([r_idx + offsets[1], idx + offsets[2]], 1)
-    all_vals = torch.cat([torch.rand_like(r_scores), vals.detach()], 1)
-    widths, gain = [r_idx.shape[1], idx.shape[1]], layer.level_gain.detach()[1:].clone()
+    upper = slice(args[11][0], None)
+    all_idx, all_vals = idx[:, upper], torch.rand_like(vals[:, upper])
+    widths, gain = args[11][1:], layer.level_gain.detach()[1:].clone()
     torch.library.opcheck(sparse_decode, (all_idx, all_vals.requires_grad_(True), layer.W_dec,
                                           gain.requires_grad_(True), layer.b_dec, widths, True, "cpp"))
     torch.library.opcheck(torch.ops.hsae_fast.sparse_decode_backward.default, (

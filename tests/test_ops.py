@@ -3,28 +3,24 @@ torch.library.opcheck on every usable backend, so torch.compile can trace them."
 import pytest
 import torch
 
-from helpers import level_op_inputs, random_layer, usable_backends
+from helpers import random_layer, tree_op_inputs, usable_backends
 from hsae_fast import HSAEConfig
-from hsae_fast.ops import encode_level, sparse_decode
-
-
-def _level_inputs(layer, x, level, parent_codes):
-    above = None if parent_codes is None else (parent_codes[0], parent_codes[1].detach().requires_grad_(True))
-    xc = (x - layer.b_dec).detach().requires_grad_(True)
-    return (xc, *level_op_inputs(layer, level, above, leaf_weights=True), layer.backend)
+from hsae_fast.ops import encode_tree, sparse_decode
 
 
 @pytest.mark.parametrize("backend", usable_backends())
 @pytest.mark.parametrize("gating", ["hard", "none"])
-def test_opcheck_encode_level(backend, gating):
-    cfg = HSAEConfig(d_model=6, level_sizes=(12, 4), k=(3, 1), gating=gating, selection="token")
-    layer = random_layer(cfg, backend, torch.float32, seed=2)
-    x = torch.randn(5, 6)
-    top_args = _level_inputs(layer, x, 1, None)
-    torch.library.opcheck(encode_level, top_args)
-    scores, idx, _ = encode_level(*top_args)
-    vals = torch.where(scores > 0, scores, 0.0)
-    torch.library.opcheck(encode_level, _level_inputs(layer, x, 0, (idx, vals)))
+@pytest.mark.parametrize("selection", ["token", "batch"])
+def test_opcheck_encode_tree(backend, gating, selection):
+    cfg = HSAEConfig(d_model=6, level_sizes=(12, 4, 2), k=(3, 2, 1), gating=gating, selection=selection)
+    layer = random_layer(cfg, backend, torch.float32, seed=2)  # nonzero edges: the parent-gradient chain runs
+    args = tree_op_inputs(layer, torch.randn(5, 6), selection)
+    torch.library.opcheck(encode_tree, args)
+    vals, _scores, idx, slot = encode_tree(*args)
+    xc, W, _b, edge = args[:4]
+    torch.library.opcheck(torch.ops.hsae_fast.encode_tree_backward.default, (
+        torch.randn_like(vals), idx, vals.detach(), slot, xc.detach(), W.detach(), edge.detach(), args[11],
+        True, True, True, backend))
 
 
 @pytest.mark.parametrize("backend", usable_backends())

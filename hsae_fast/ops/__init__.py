@@ -1,7 +1,7 @@
 """The model's two ops, registered with `torch.library` so `torch.compile` sees them whole:
-`encode_level` (score one level, keep each token's best candidates) and `sparse_decode`.
+`encode_tree` (the top-down encode of every level: scores, selection, activations) and `sparse_decode`.
 Each dispatches to the backend named in its `backend` argument; the backward is sparse."""
 from .decode import sparse_decode
-from .encode import encode_level
+from .encode import encode_tree
 
-__all__ = ["encode_level", "sparse_decode"]
+__all__ = ["encode_tree", "sparse_decode"]
