@@ -240,6 +240,31 @@ def test_nan_loss_stops_with_step_batch_and_checkpoint(tmp_path):
     assert (tmp_path / "checkpoints" / "nan_batch_step_000000003.safetensors").is_file()
 
 
+def test_prefix_coef_scales_the_prefix_weight_and_zero_turns_it_off(tmp_path):
+    strong = make_trainer(tmp_path / "strong", prefix_coef=8.0)
+    plain = make_trainer(tmp_path / "plain", prefix_coef=1.0)
+    for progress in (0.0, 0.25, 0.49):
+        assert strong.loss_weights(progress).prefix == pytest.approx(8 * plain.loss_weights(progress).prefix)
+        assert plain.loss_weights(progress).prefix == pytest.approx(1 - progress / 0.5)
+    assert strong.loss_weights(0.5).prefix == 0.0
+    off = make_trainer(tmp_path / "off", prefix_coef=0.0)
+    off.fit()
+    assert not any("prefix" in r for r in _log(tmp_path / "off"))
+    strong.fit()
+    assert "prefix" in _log(tmp_path / "strong")[0]
+
+
+def test_synthetic_runs_revive_features_dead_for_50k_tokens_unless_told_otherwise():
+    from hsae_fast.train.config import resolve_model_config
+
+    synthetic = TrainConfig()
+    assert resolve_model_config({}, 128, synthetic).dead_after_tokens == 50_000
+    assert resolve_model_config({"level_sizes": (64, 16, 4), "k": (4, 2, 1)}, 128, synthetic).dead_after_tokens == 50_000
+    assert resolve_model_config({"dead_after_tokens": 7}, 128, synthetic).dead_after_tokens == 7
+    other = resolve_model_config({}, 16, TrainConfig(data="acts.npy"))
+    assert other.dead_after_tokens == HSAEConfig(d_model=16, k=(1,), level_sizes=(4,)).dead_after_tokens
+
+
 def test_flat_baseline_matches_dict_size_and_total_l0():
     flat = flat_baseline_config(tiny_cfg())
     assert flat.level_sizes == (22,) and flat.k == (7,) and flat.num_levels == 1
@@ -248,6 +273,8 @@ def test_flat_baseline_matches_dict_size_and_total_l0():
 def test_train_config_rejects_bad_values():
     with pytest.raises(ValueError, match="TrainConfig.lr"):
         TrainConfig(lr=-1.0)
+    with pytest.raises(ValueError, match="TrainConfig.prefix_coef"):
+        TrainConfig(prefix_coef=-1.0)
     with pytest.raises(ValueError, match="TrainConfig.batch_size"):
         TrainConfig(batch_size="big")
     with pytest.raises(ValueError, match="b_dec_init"):

@@ -125,7 +125,7 @@ class Trainer:
     def loss_weights(self, progress: float) -> LossWeights:
         cfg = self.layer.cfg
         return LossWeights(
-            prefix=prefix_weight(progress, cfg.prefix_until) if cfg.num_levels > 1 else 0.0,
+            prefix=self.tcfg.prefix_coef * prefix_weight(progress, cfg.prefix_until) if cfg.num_levels > 1 else 0.0,
             aux=cfg.aux_coef,
             cons=lambda_cons(progress, cfg.lambda_cons, self.tcfg.cons_warmup_frac),
         )
