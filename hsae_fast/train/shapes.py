@@ -1,0 +1,144 @@
+"""Tree shapes at equal wall time (issue 10, quality): for each shape, a synthetic hierarchy of that
+shape (one true concept per feature), an HSAE and the matched flat SAE (same dict size and total L0)
+each trained for the same number of seconds, scored on recovery, tree recovery, HCS, FVU and dead
+fraction.
+
+    python -m hsae_fast.train.shapes --out runs/shapes [--seconds 60] [--seeds 0,1]
+        [--shapes 128/32/8,512/64/8,...] [--FIELD VALUE ...]
+
+A shape is its level sizes bottom first; the true tree has the same sizes, and a mean of 2 active
+concepts per token at the top, doubling at each level below (k matches). Equal wall time: each
+model's tokens are its measured tokens/s (a probe of `--probe-steps` steps, half early and half late
+in the schedules) times `--seconds`; the table reports the tokens and seconds each run really took.
+Any `hsae train` field (`--lr`, `--batch-size`, `--d-model`, ...) applies to every run.
+Writes RUN/<shape>_s<seed>/{hsae,flat}/ (ordinary run directories), RUN/results.jsonl and
+RUN/table.md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig, flat_baseline_config, parse_field_flags, resolve_model_config, split_fields
+from .run import open_run_source, train_one
+from .trainer import Trainer, _plain
+
+DEFAULT_SHAPES = ("128/32/8", "512/64/8", "2048/128/8", "4096/64/8", "512/128/32/8", "4096/512/64/8")
+
+
+def parse_shape(text: str) -> tuple:
+    sizes = tuple(int(s) for s in text.replace("x", "/").split("/") if s.strip())
+    if len(sizes) < 2 or any(a % b for a, b in zip(sizes, sizes[1:])):
+        raise ValueError(f"--shapes {text!r}: level sizes bottom first, each a whole multiple of the next")
+    return sizes
+
+
+def mean_active(sizes: tuple) -> tuple:
+    """2 active concepts per token at the top, doubling at each level below (bottom first)."""
+    L = len(sizes)
+    return tuple(float(min(2 ** (L - l), sizes[l])) for l in range(L))
+
+
+def measure_tokens(cfg, tcfg: TrainConfig, source, seconds: float, probe_steps: int) -> int:
+    """Tokens this model trains in `seconds`: steps timed half at 25% and half at 75% of the
+    schedules (the prefix loss is on early and off late), after two warm-up steps."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(cfg, tcfg, source, tmp)
+        batches = trainer._batches()
+        elapsed, timed = 0.0, 0
+        for position in (0.25, 0.75):
+            trainer.step = int(position * trainer.total_steps)
+            for i in range(2 + probe_steps // 2):
+                t0 = time.perf_counter()
+                trainer.train_step(next(batches))
+                if i >= 2:
+                    elapsed, timed = elapsed + time.perf_counter() - t0, timed + 1
+    rate = timed * tcfg.batch_size / max(elapsed, 1e-9)
+    return max(tcfg.batch_size, int(rate * seconds) // tcfg.batch_size * tcfg.batch_size)
+
+
+def run_shape(sizes: tuple, seed: int, seconds: float, fields: dict, out_dir: Path, probe_steps: int) -> list:
+    model_fields, train_fields = split_fields(fields)
+    train_fields = dict(train_fields, synthetic_sizes=sizes, synthetic_active=mean_active(sizes),
+                        data_seed=seed, seed=seed, progress=False)
+    model_fields = {k: v for k, v in model_fields.items() if k not in ("level_sizes", "dict_size", "k")}
+    tcfg = TrainConfig(**train_fields)
+    source = open_run_source(tcfg, model_fields)
+    hsae_cfg = resolve_model_config(model_fields, source.d_model, tcfg)
+    rows = []
+    for name, cfg in (("hsae", hsae_cfg), ("flat", flat_baseline_config(hsae_cfg))):
+        tokens = measure_tokens(cfg, dataclasses.replace(tcfg, tokens=10 ** 9), source, seconds, probe_steps)
+        run_tcfg = dataclasses.replace(tcfg, tokens=tokens)
+        _, metrics = train_one(cfg, run_tcfg, source, out_dir / name, resume=False, desc=name)
+        rows.append({"shape": "/".join(map(str, sizes)), "seed": seed, "model": name, "level_sizes": list(cfg.level_sizes),
+                     "k": list(cfg.k), **metrics})
+    return rows
+
+
+def _fmt(values, digits=3) -> str:
+    if values is None:
+        return "-"
+    if isinstance(values, (list, tuple)):
+        return "/".join(_fmt(v, digits) for v in values)
+    if isinstance(values, float) and values != values:
+        return "-"
+    return f"{values:.{digits}f}"
+
+
+def table(rows: list) -> str:
+    """Markdown, one line per (shape, seed, model)."""
+    lines = ["| shape (bottom first) | seed | model | tokens | train s | FVU | dead frac per level | "
+             "recovery per level, raw | refined | tree raw / refined | HCS |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        refined = r.get("refined") or {}
+        lines.append(
+            f"| {r['shape']} | {r['seed']} | {r['model']} | {r['tokens']:,} | {r['train_seconds']:.0f} | "
+            f"{_fmt(r['fvu'], 4)} | {_fmt(r['dead_frac'], 2)} | {_fmt(r['recovery'])} | {_fmt(refined.get('recovery'))} | "
+            f"{_fmt(r['tree_recovery'])} / {_fmt(refined.get('tree_recovery'))} | {_fmt(r['hcs'])} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hsae_fast.train.shapes", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="directory for the runs, results.jsonl and table.md")
+    parser.add_argument("--seconds", type=float, default=60.0, help="training wall time per model")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (data draw and model init)")
+    parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES), help="comma-separated level sizes, e.g. 512/64/8")
+    parser.add_argument("--probe-steps", type=int, default=40, help="timed steps per model to measure tokens/s")
+    args, extra = parser.parse_known_args(argv)
+    try:
+        fields = parse_field_flags(extra)
+        shapes = [parse_shape(s) for s in args.shapes.split(",") if s.strip()]
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError as exc:
+        print(f"shapes: error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    rows = []
+    for sizes in shapes:
+        for seed in seeds:
+            shape_rows = run_shape(sizes, seed, args.seconds, fields, out / f"{'-'.join(map(str, sizes))}_s{seed}",
+                                   args.probe_steps)
+            with open(out / "results.jsonl", "a") as log:
+                for r in shape_rows:
+                    log.write(json.dumps(_plain(r)) + "\n")
+            rows += shape_rows
+            print("\n".join(table(shape_rows).splitlines()[2:]), flush=True)
+    text = table(rows)
+    (out / "table.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
