@@ -133,6 +133,12 @@ def sweep_cases(device: torch.device) -> list[Case]:
         cases.append(Case(f"sweepRouted-F{F}", f"Routed trees with F: step, N={N}, d={d}, k total 32", "step", N, d,
                           (flat(F, 32, "batch"), wide_tree(F, k_tree)), dtype, reference=False, rounds=3,
                           sweep_axis="F", peers=SWEEP_PEERS))
+    # A routed step has a floor that does not grow with N (writing the F x d gradients, AdamW over
+    # every row) while the flat step's GEMM does: the routed advantage grows with the batch.
+    for n in (256, 1024, 4096):
+        cases.append(Case(f"sweepRoutedN-N{n}", f"Routed trees with N: step, F=65536, d={d}, k total 32", "step", n, d,
+                          (flat(65536, 32, "batch"), wide_tree(65536, k_tree)), dtype, reference=False, rounds=3,
+                          sweep_axis="N", peers=()))
     return cases
 
 

@@ -866,8 +866,11 @@ void decode_backward_impl(const DecodeGrads& a) {
   std::fill(g_b, g_b + d, 0.f);
   for (size_t c = 0; c < b_part.size(); c += d)
     for (int64_t i = 0; i < d; ++i) g_b[i] += b_part[c + i];
-  std::fill(g_gain, g_gain + L, 0.f);  // g_gain[l] = sum vals * <g_l, W_dec[idx]>, in slot order
-  for (int64_t e = 0; need_dots && e < N * K; ++e) g_gain[level[e % K]] += vals[e] * dots[e];
+  // g_gain[l] = sum vals * <g_l, W_dec[idx]> over all N * K slots, in slot order, summed in double:
+  // a float32 running sum of 32k terms drifts by ~1e-5 relative, above float32's tolerance.
+  std::vector<double> gain_sum(L, 0.0);
+  for (int64_t e = 0; need_dots && e < N * K; ++e) gain_sum[level[e % K]] += double(vals[e]) * double(dots[e]);
+  for (int64_t l = 0; l < L; ++l) g_gain[l] = static_cast<float>(gain_sum[l]);
 }
 
 }  // namespace
