@@ -265,6 +265,14 @@ def test_synthetic_runs_revive_features_dead_for_50k_tokens_unless_told_otherwis
     assert other.dead_after_tokens == HSAEConfig(d_model=16, k=(1,), level_sizes=(4,)).dead_after_tokens
 
 
+def test_synthetic_runs_use_one_cpu_thread_unless_told_otherwise():
+    assert TrainConfig().cpu_threads() == 1
+    assert TrainConfig(threads=2).cpu_threads() == 2
+    assert TrainConfig(data="acts.npy").cpu_threads() == 0  # torch's default
+    with pytest.raises(ValueError, match="TrainConfig.threads"):
+        TrainConfig(threads=-1)
+
+
 def test_flat_baseline_matches_dict_size_and_total_l0():
     flat = flat_baseline_config(tiny_cfg())
     assert flat.level_sizes == (22,) and flat.k == (7,) and flat.num_levels == 1

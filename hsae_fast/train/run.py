@@ -25,6 +25,12 @@ def open_run_source(tcfg: TrainConfig, model_fields: dict):
                        child_parent_cos=tcfg.synthetic_child_cos, noise_std=tcfg.synthetic_noise)
 
 
+def use_threads(tcfg: TrainConfig) -> None:
+    """Set torch's CPU thread count for this job when the config asks for one (TrainConfig.threads)."""
+    if tcfg.cpu_threads():
+        torch.set_num_threads(tcfg.cpu_threads())
+
+
 def run_config(cfg: HSAEConfig, tcfg: TrainConfig) -> dict:
     return {"hsae": cfg.to_dict(), "trainer": tcfg.to_dict()}
 
@@ -105,6 +111,7 @@ def train_one(cfg: HSAEConfig, tcfg: TrainConfig, source, out_dir: Path, resume:
 def run(model_fields: dict, train_fields: dict, out_dir, resume: bool = False) -> dict:
     """Train the configured model (and the flat baseline when asked); returns the final metrics."""
     tcfg = TrainConfig(**train_fields)
+    use_threads(tcfg)
     source = open_run_source(tcfg, model_fields)
     cfg = resolve_model_config(model_fields, source.d_model, tcfg)
     out_dir = Path(out_dir)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig, flat_baseline_config, parse_field_flags, resolve_model_config, split_fields
-from .run import open_run_source, train_one
+from .run import open_run_source, train_one, use_threads
 from .trainer import Trainer, _plain
 
 DEFAULT_SHAPES = ("128/32/8", "512/64/8", "2048/128/8", "4096/64/8", "512/128/32/8", "4096/512/64/8")
@@ -70,6 +70,7 @@ def run_shape(sizes: tuple, seed: int, seconds: float, fields: dict, out_dir: Pa
                         data_seed=seed, seed=seed, progress=False)
     model_fields = {k: v for k, v in model_fields.items() if k not in ("level_sizes", "dict_size", "k")}
     tcfg = TrainConfig(**train_fields)
+    use_threads(tcfg)
     source = open_run_source(tcfg, model_fields)
     hsae_cfg = resolve_model_config(model_fields, source.d_model, tcfg)
     rows = []
