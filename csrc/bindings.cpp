@@ -39,6 +39,9 @@ void decode_backward(Tensor g_out, Tensor g_levels, Tensor idx, Tensor vals, Ten
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto release_gil = py::call_guard<py::gil_scoped_release>();
   m.doc() = "hsae_fast's C++ CPU backend: fused top-k encode, routed encode, sparse decode, sparse backward";
+  m.def("pooled_gradient", &hsae_cpu::pooled_gradient);
+  m.def("release_gradient_pool", &hsae_cpu::release_gradient_pool);
+  m.def("gradient_pool_bytes", &hsae_cpu::gradient_pool_bytes);
   m.def("encode_forward", &encode_forward, release_gil);
   m.def("encode_backward", &encode_backward, release_gil);
   m.def("decode_forward", &decode_forward, release_gil);

@@ -23,7 +23,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <cstdlib>
 #include <limits>
+#include <mutex>
+#include <unordered_map>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -873,7 +876,90 @@ void decode_backward_impl(const DecodeGrads& a) {
   for (int64_t l = 0; l < L; ++l) g_gain[l] = static_cast<float>(gain_sum[l]);
 }
 
+// ------------------------------------------------------------------------------------ gradient pool
+// Weight gradients are F x d float32 buffers that a training loop drops every step (zero_grad sets
+// them to None) and the next step allocates again. Large allocations are fresh mmap'd pages, and the
+// first write faults through every one of them: a fresh 50 MB buffer took 40-80 ms to fill here,
+// as long as the sparse kernel that fills it. A gradient freed by the caller comes back to this
+// pool instead, still mapped (with huge pages advised), and the next gradient of that size reuses it.
+class GradientPool {
+ public:
+  static GradientPool& instance() {
+    static GradientPool* pool = new GradientPool();  // never destroyed: tensors may outlive statics
+    return *pool;
+  }
+
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = free_.find(bytes);
+      if (it != free_.end() && !it->second.empty()) {
+        void* block = it->second.back();
+        it->second.pop_back();
+        cached_bytes_ -= bytes;
+        return block;
+      }
+    }
+    void* block = std::aligned_alloc(kHugePage, bytes);
+    TORCH_CHECK(block != nullptr, "out of memory allocating a ", bytes, "-byte gradient");
+#if defined(MADV_HUGEPAGE)
+    madvise(block, bytes, MADV_HUGEPAGE);
+#endif
+    return block;
+  }
+
+  void give(void* block, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      std::vector<void*>& same = free_[bytes];
+      // A step holds a few gradients of one size (W_enc's, W_dec's); more are not worth keeping.
+      if (same.size() < kPerSize && cached_bytes_ + bytes <= kMaxCachedBytes) {
+        same.push_back(block);
+        cached_bytes_ += bytes;
+        return;
+      }
+    }
+    std::free(block);
+  }
+
+  void release() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& entry : free_)
+      for (void* block : entry.second) std::free(block);
+    free_.clear();
+    cached_bytes_ = 0;
+  }
+
+  size_t cached_bytes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return cached_bytes_;
+  }
+
+  static constexpr size_t kHugePage = size_t(2) << 20;
+
+ private:
+  static constexpr size_t kPerSize = 4;
+  static constexpr size_t kMaxCachedBytes = size_t(16) << 30;
+  std::mutex mutex_;
+  std::unordered_map<size_t, std::vector<void*>> free_;
+  size_t cached_bytes_ = 0;
+};
+
 }  // namespace
+
+Tensor pooled_gradient(const std::vector<int64_t>& sizes) {
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const size_t huge = GradientPool::kHugePage;
+  const size_t bytes = ((std::max<int64_t>(numel, 1) * sizeof(float) + huge - 1) / huge) * huge;
+  void* block = GradientPool::instance().take(bytes);
+  return at::from_blob(block, sizes, [bytes](void* p) { GradientPool::instance().give(p, bytes); },
+                       at::TensorOptions().dtype(at::kFloat));
+}
+
+void release_gradient_pool() { GradientPool::instance().release(); }
+
+int64_t gradient_pool_bytes() { return static_cast<int64_t>(GradientPool::instance().cached_bytes()); }
 
 // ------------------------------------------------------------------------------------ entry points
 void encode_forward(const EncodeArgs& args) {

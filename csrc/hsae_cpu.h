@@ -49,6 +49,11 @@ struct DecodeGrads {
   at::Tensor g_level_gain, g_b_dec;
 };
 
+// A float32 CPU tensor for a weight gradient, from a pool of freed ones (see hsae_cpu.cpp).
+at::Tensor pooled_gradient(const std::vector<int64_t>& sizes);
+void release_gradient_pool();
+int64_t gradient_pool_bytes();
+
 void encode_forward(const EncodeArgs& args);
 void encode_backward(const EncodeGrads& grads);
 void decode_forward(const DecodeArgs& args);

@@ -12,6 +12,7 @@ import torch
 from helpers import assert_close, level_op_inputs, random_layer, tree_op_inputs
 from hsae_fast import HSAEConfig, available_backends
 from hsae_fast.backends import cpp, resolve_backend, torch_sparse
+from hsae_fast.backends.common import poisoned_outputs
 from hsae_fast.ops import encode_tree, sparse_decode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,3 +205,33 @@ def test_setup_py_declares_the_extension_and_survives_a_failed_build():
     assert name == "hsae_fast._hsae_cpu"
     assert sources == ["csrc/hsae_cpu.cpp", "csrc/bindings.cpp"]
     assert build_cls == "OptionalBuildExtension"
+
+
+@needs_cpp
+def test_pooled_weight_gradients_are_reused_and_fully_written():
+    """Weight gradients of 4 MB or more come from a pool of freed ones, so a reused buffer still holds
+    the last step's values: the kernels must write every element (poisoned: NaN first) and a step's
+    gradients must not depend on whether its buffers were reused."""
+    cfg = HSAEConfig(d_model=512, level_sizes=(2048, 256, 32), k=(8, 4, 2), selection="token")
+    layer = random_layer(cfg, "cpp", torch.float32, seed=7)
+    assert cfg.dict_size * cfg.d_model * 4 >= cpp._POOL_MIN_BYTES
+    x = torch.randn(16, 512, generator=torch.Generator().manual_seed(7))
+    cpp.release_gradient_pool()
+    steps = []
+    for _ in range(3):
+        with poisoned_outputs():
+            layer(x).x_hat.pow(2).sum().backward()
+        steps.append({n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None})
+        for p in layer.parameters():
+            p.grad = None
+        assert cpp.gradient_pool_bytes() >= 2 * cfg.dict_size * cfg.d_model * 4, "W_enc's and W_dec's went back"
+    for name, g in steps[0].items():
+        assert torch.isfinite(g).all(), f"{name}: an unwritten (poisoned) element"
+        assert torch.equal(g, steps[1][name]) and torch.equal(g, steps[2][name]), f"{name} changed on reuse"
+    twin = random_layer(cfg, "torch", torch.float32, seed=7)
+    twin(x).x_hat.pow(2).sum().backward()
+    for name, p in twin.named_parameters():
+        if p.grad is not None:
+            assert_close(f"grad {name}", steps[0][name], p.grad, 1e-4)
+    cpp.release_gradient_pool()
+    assert cpp.gradient_pool_bytes() == 0

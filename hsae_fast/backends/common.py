@@ -21,6 +21,13 @@ def poisoned_outputs(enabled: bool = True):
         _POISON = previous
 
 
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill a reused buffer as `new_output` would a fresh one (NaN) while poisoning is on."""
+    if _POISON:
+        t.fill_(float("nan"))
+    return t
+
+
 def new_output(shape, dtype, device) -> torch.Tensor:
     """Allocate a buffer the backend promises to write completely."""
     if not _POISON:

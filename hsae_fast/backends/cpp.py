@@ -17,6 +17,7 @@ Which build is used (decided once per process):
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import runpy
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Optional
 import torch
 
 from . import torch_sparse
-from .common import new_output
+from .common import new_output, poison_
 
 NAME = "cpp"
 _CSRC = Path(__file__).resolve().parents[2] / "csrc"
@@ -82,9 +83,29 @@ def _weights(W: torch.Tensor) -> torch.Tensor:
     return W.contiguous() if W.dtype in (torch.float32, torch.bfloat16) else W.float().contiguous()
 
 
+# Weight gradients at least this big come from the C++ gradient pool: a training loop frees them
+# every step, and a fresh buffer costs as much in page faults as the kernel that fills it.
+_POOL_MIN_BYTES = 4 << 20
+
+
 def _grad_buffer(needed: bool, shape) -> Optional[torch.Tensor]:
     """A float32 CPU gradient the C++ code writes completely, or None where it is not asked for."""
-    return new_output(shape, torch.float32, torch.device("cpu")) if needed else None
+    if not needed:
+        return None
+    if math.prod(shape) * 4 >= _POOL_MIN_BYTES:
+        return poison_(_ext().pooled_gradient(list(shape)))
+    return new_output(shape, torch.float32, torch.device("cpu"))
+
+
+def release_gradient_pool() -> None:
+    """Free the cached gradient buffers (they are kept, at most 4 per size and 16 GiB in all, for
+    the next step's gradients); `gradient_pool_bytes()` says how much is held."""
+    if available()[0]:
+        _module.release_gradient_pool()
+
+
+def gradient_pool_bytes() -> int:
+    return _module.gradient_pool_bytes() if available()[0] else 0
 
 
 def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
