@@ -245,3 +245,67 @@ def test_a_run_trained_on_an_lm_cache_folder_is_an_lm_run(tmp_path):
     assert run.is_lm and run.lm == {"model": "some/model", "layer": 4, "corpus": "shakespeare", "context": 128}
     plain = load_run(write_run(tmp_path / "plain", layer, {"data": "synthetic"}))
     assert not plain.is_lm
+
+
+def test_a_sparsify_coder_as_a_flat_layer_computes_its_x_hat_and_codes():
+    pytest.importorskip("sparsify")
+    from hsae_fast.eval.peers import import_sparsify, sparse_coder_to_layer
+
+    _, SparseCoder, SparseCoderConfig = import_sparsify()
+    torch.manual_seed(0)
+    sae = SparseCoder(16, SparseCoderConfig(activation="topk", num_latents=64, k=5, normalize_decoder=False), "cpu", torch.float32)
+    with torch.no_grad():
+        sae.encoder.bias.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.3)
+        sae.W_dec.mul_(torch.rand(64, 1) + 0.5)  # rows not unit-norm: the conversion must not assume it
+    layer = sparse_coder_to_layer(sae, backend="torch")
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(1)) * 2
+    with torch.no_grad():
+        theirs, ours = sae(x), layer(x)
+    torch.testing.assert_close(ours.x_hat, theirs.sae_out, atol=1e-5, rtol=1e-5)
+    indices, values = ours.codes[0]
+    theirs_dense = torch.zeros(40, 64).scatter_(1, theirs.latent_indices, theirs.latent_acts)
+    ours_dense = torch.zeros(40, 64).scatter_add_(1, indices, values)
+    torch.testing.assert_close(ours_dense, theirs_dense, atol=1e-5, rtol=1e-5)
+    assert layer.cfg.num_levels == 1 and layer.cfg.selection == "token" and layer.cfg.k == (5,)
+
+
+def test_the_sparsify_peer_trains_into_a_run_that_hsae_eval_scores(tmp_path):
+    pytest.importorskip("sparsify")
+    pytest.importorskip("schedulefree")
+    import numpy as np
+    from hsae_fast.eval.peers import train_sparsify
+
+    gen = torch.Generator().manual_seed(5)
+    atoms = torch.randn(48, 16, generator=gen)
+    codes = torch.rand(4000, 48, generator=gen) * (torch.rand(4000, 48, generator=gen) < 0.06)
+    np.save(tmp_path / "acts.npy", (codes @ atoms + 3).numpy())
+    final = train_sparsify(tmp_path / "acts.npy", tmp_path / "peer", dict_size=64, k=4, tokens=40 * 256,
+                           batch_size=256, log_every=10, progress=False)
+    assert final["steps"] == 40 and final["tokens"] == 40 * 256
+    log = [json.loads(line) for line in (tmp_path / "peer" / "metrics.jsonl").read_text().splitlines()]
+    assert len(log) == 4 and log[-1]["fvu"] < log[0]["fvu"]
+    metrics = evaluate_run(tmp_path / "peer", tokens=2000, progress=False)
+    assert metrics["healthy"] and metrics["explained_variance"] > 0.3 and 0 < metrics["l0"] <= 4
+    # A wall-time budget stops the run: a budget below one step's time gives exactly one step.
+    assert train_sparsify(tmp_path / "acts.npy", tmp_path / "short", dict_size=64, k=4, seconds=1e-9,
+                          batch_size=256, progress=False)["steps"] == 1
+
+
+def test_the_comparison_table_puts_each_runs_metrics_in_its_column(tmp_path):
+    from hsae_fast.eval.compare import comparison_table
+
+    for name, ev, secs in (("a", 0.91, 12.0), ("b", 0.5, None)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "metrics.json").write_text(json.dumps({"explained_variance": ev, "l0_per_level": [30.0, 8.0],
+                                                       "ce_loss_increase": float("nan"), "n_tokens": 8192}))
+        if secs:
+            (run / "final_metrics.json").write_text(json.dumps({"tokens": 1024, "steps": 1, "train_seconds": secs}))
+    lines = comparison_table([tmp_path / "a", tmp_path / "b"]).splitlines()
+    assert lines[0] == "| metric | a | b |"
+    assert "| explained variance | 0.910 | 0.500 |" in lines
+    assert "| L0 per level (bottom first) | 30.0 / 8.0 | 30.0 / 8.0 |" in lines
+    assert "| CE increase (nats) | - | - |" in lines and "| training seconds | 12.0 | - |" in lines
+    with pytest.raises(FileNotFoundError, match="hsae eval"):
+        comparison_table([tmp_path])
