@@ -105,6 +105,18 @@ def test_cache_holds_non_special_activations_with_their_tokens(tiny, tmp_path):
     assert source.d_model == 32 and source.sample(10, seed=0).shape == (10, 32)
 
 
+
+def test_an_lm_source_caches_only_its_token_budget(tiny, tmp_path):
+    _, folder, corpus, _, _ = tiny
+    options = dict(corpus=str(corpus), context=CONTEXT, progress=False)  # the model loads from its folder
+    source = lm.open_lm_source(str(folder), 1, tokens=3 * CONTEXT - 5, out_dir=tmp_path / "budget", **options)
+    meta = lm.read_meta(tmp_path / "budget")
+    assert meta["rows"] == 3 and not meta["complete_corpus"] and source.n_rows == meta["positions"]
+    # Without a budget it caches DEFAULT_CACHE_TOKENS at most, not the whole split: this corpus is smaller.
+    lm.open_lm_source(str(folder), 1, out_dir=tmp_path / "default", **options)
+    meta = lm.read_meta(tmp_path / "default")
+    assert meta["complete_corpus"] and meta["rows"] * CONTEXT < lm.DEFAULT_CACHE_TOKENS and meta["rows"] > 3
+
 def test_shakespeare_holds_out_whole_plays():
     try:
         train = [n for n, _ in lm.corpus_documents("shakespeare", "train")]
