@@ -248,12 +248,18 @@ def _version(distribution: str) -> Optional[str]:
 
 
 def _git_commit() -> Optional[str]:
+    """The commit (with "-dirty" for uncommitted changes to tracked files) the timed code came from."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True,
+                             timeout=5, cwd=os.path.dirname(os.path.abspath(__file__)))
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+# Read when the session imports the harness, not when pytest-benchmark asks at the end: a long run
+# on a shared checkout can outlive the commit it started from.
+_COMMIT_AT_START = _git_commit()
 
 
 def machine_description() -> dict:
@@ -269,7 +275,7 @@ def machine_description() -> dict:
         "eai_sparsify": _version("eai-sparsify"),
         "sae_lens": _version("sae-lens"),
         "python": platform.python_version(),
-        "hsae_fast_commit": _git_commit(),
+        "hsae_fast_commit": _COMMIT_AT_START,
         # pytest-benchmark asks for this when it writes the JSON, at the end of the session
         "load_average_when_written": list(os.getloadavg()),
     }
