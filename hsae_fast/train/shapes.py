@@ -9,7 +9,8 @@ fraction.
 A shape is its level sizes bottom first; the true tree has the same sizes, and a mean of 2 active
 concepts per token at the top, doubling at each level below (k matches). Equal wall time: each
 model's tokens are its measured tokens/s (a probe of `--probe-steps` steps, half early and half late
-in the schedules) times `--seconds`; the table reports the tokens and seconds each run really took.
+in the schedules) times `--seconds`; the table reports the tokens and seconds each run really took
+(the probe sees no dead features yet, so a run where AuxK later scores many dead ones takes longer).
 Any `hsae train` field (`--lr`, `--batch-size`, `--d-model`, ...) applies to every run.
 Writes RUN/<shape>_s<seed>/{hsae,flat}/ (ordinary run directories), RUN/results.jsonl and
 RUN/table.md.
