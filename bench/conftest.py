@@ -12,8 +12,15 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Before torch loads OpenMP: idle OpenMP threads sleep instead of spinning. On a shared machine whose
+# load exceeds its cores, every parallel region (each small op of a step) otherwise waits at its
+# barrier for a descheduled spinning thread; a 3-level step at F=4096 measured 11x slower that way
+# (1.6 s, load 6-7) than with PASSIVE (138 ms). It applies to every candidate alike; set
+# OMP_WAIT_POLICY yourself to override it. The value is recorded with the results.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # tests/helpers.py: the one comparison helper

@@ -64,6 +64,8 @@ def machine_lines(data: dict) -> list[str]:
         ("torch", "torch"), ("triton", "triton"), ("eai-sparsify", "eai_sparsify"), ("sae-lens", "sae_lens"),
         ("python", "python")) if info.get(key))
     lines.append(f"- Versions: {versions}; hsae_fast commit {info.get('hsae_fast_commit', '?')}")
+    if "omp_wait_policy" in info:
+        lines.append(f"- OMP_WAIT_POLICY={info['omp_wait_policy'] or 'unset'} (bench/conftest.py sets PASSIVE unless you set it)")
     load = info.get("load_average_when_written") or info.get("load_average_at_start")  # older files: misnamed
     if load:
         lines.append(f"- Load average as the results were written (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / "

@@ -276,6 +276,7 @@ def machine_description() -> dict:
         "sae_lens": _version("sae-lens"),
         "python": platform.python_version(),
         "hsae_fast_commit": _COMMIT_AT_START,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         # pytest-benchmark asks for this when it writes the JSON, at the end of the session
         "load_average_when_written": list(os.getloadavg()),
     }
