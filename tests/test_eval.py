@@ -247,11 +247,20 @@ def test_a_run_trained_on_an_lm_cache_folder_is_an_lm_run(tmp_path):
     assert not plain.is_lm
 
 
-def test_a_sparsify_coder_as_a_flat_layer_computes_its_x_hat_and_codes():
-    pytest.importorskip("sparsify")
-    from hsae_fast.eval.peers import import_sparsify, sparse_coder_to_layer
+def sparsify_or_skip():
+    """sparsify through the peer module (which switches its Triton decode off on CPU), or skip."""
+    from hsae_fast.eval.peers import import_sparsify
 
-    _, SparseCoder, SparseCoderConfig = import_sparsify()
+    try:
+        return import_sparsify()
+    except ModuleNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
+def test_a_sparsify_coder_as_a_flat_layer_computes_its_x_hat_and_codes():
+    from hsae_fast.eval.peers import sparse_coder_to_layer
+
+    _, SparseCoder, SparseCoderConfig = sparsify_or_skip()
     torch.manual_seed(0)
     sae = SparseCoder(16, SparseCoderConfig(activation="topk", num_latents=64, k=5, normalize_decoder=False), "cpu", torch.float32)
     with torch.no_grad():
@@ -271,7 +280,7 @@ def test_a_sparsify_coder_as_a_flat_layer_computes_its_x_hat_and_codes():
 
 
 def test_the_sparsify_peer_trains_into_a_run_that_hsae_eval_scores(tmp_path):
-    pytest.importorskip("sparsify")
+    sparsify_or_skip()
     pytest.importorskip("schedulefree")
     import numpy as np
     from hsae_fast.eval.peers import train_sparsify
@@ -280,12 +289,12 @@ def test_the_sparsify_peer_trains_into_a_run_that_hsae_eval_scores(tmp_path):
     atoms = torch.randn(48, 16, generator=gen)
     codes = torch.rand(4000, 48, generator=gen) * (torch.rand(4000, 48, generator=gen) < 0.06)
     np.save(tmp_path / "acts.npy", (codes @ atoms + 3).numpy())
-    final = train_sparsify(tmp_path / "acts.npy", tmp_path / "peer", dict_size=64, k=4, tokens=40 * 256,
+    final = train_sparsify(tmp_path / "acts.npy", tmp_path / "peer", dict_size=64, k=4, tokens=30 * 256,
                            batch_size=256, log_every=10, progress=False)
-    assert final["steps"] == 40 and final["tokens"] == 40 * 256
+    assert final["steps"] == 30 and final["tokens"] == 30 * 256
     log = [json.loads(line) for line in (tmp_path / "peer" / "metrics.jsonl").read_text().splitlines()]
-    assert len(log) == 4 and log[-1]["fvu"] < log[0]["fvu"]
-    metrics = evaluate_run(tmp_path / "peer", tokens=2000, progress=False)
+    assert len(log) == 3 and log[-1]["fvu"] < log[0]["fvu"]
+    metrics = evaluate_run(tmp_path / "peer", tokens=2000, progress=False, backend="torch")
     assert metrics["healthy"] and metrics["explained_variance"] > 0.3 and 0 < metrics["l0"] <= 4
     # A wall-time budget stops the run: a budget below one step's time gives exactly one step.
     assert train_sparsify(tmp_path / "acts.npy", tmp_path / "short", dict_size=64, k=4, seconds=1e-9,

@@ -87,12 +87,14 @@ def evaluate_run(
     model=None,
     tokenizer=None,
     progress: bool = True,
+    backend: str = "auto",
 ) -> dict:
     """Evaluate the run, write RUN_DIR/metrics.json (and, for LM runs, RUN_DIR/eval/top_contexts.md)
-    and return the metrics. `model`/`tokenizer` may be passed in to reuse a loaded LM."""
+    and return the metrics. `model`/`tokenizer` may be passed in to reuse a loaded LM; `backend`
+    is the HSAELayer backend the run's layer computes with."""
     from tqdm.auto import tqdm
 
-    run = load_run(run_dir, device=device)
+    run = load_run(run_dir, device=device, backend=backend)
     tokens = tokens or (DEFAULT_LM_TOKENS if run.is_lm else DEFAULT_TOKENS)
     data = EvalData(run, tokens, batch_rows=batch_rows, device=device, with_logits=run.is_lm,
                     corpus=corpus, context=context, model=model, tokenizer=tokenizer)

@@ -43,9 +43,16 @@ def import_sparsify():
         os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
     try:
         import sparsify
+        import sparsify.sparse_coder
+        import sparsify.utils
         from sparsify import SparseCoder, SparseCoderConfig
     except ImportError as exc:
         raise ModuleNotFoundError("the sparsify peer needs `pip install eai-sparsify` (bench/install_peers.sh)") from exc
+    if not torch.cuda.is_available():
+        # sparsify picks its decoder when first imported; imported before the variable was set (by
+        # another caller), it would run the Triton kernel, which fails on CPU or, under
+        # TRITON_INTERPRET=1, runs interpreted (minutes for a few steps).
+        sparsify.sparse_coder.decoder_impl = sparsify.utils.eager_decode
     return sparsify, SparseCoder, SparseCoderConfig
 
 
