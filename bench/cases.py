@@ -133,6 +133,11 @@ def sweep_cases(device: torch.device) -> list[Case]:
         cases.append(Case(f"sweepRouted-F{F}", f"Routed trees with F: step, N={N}, d={d}, k total 32", "step", N, d,
                           (flat(F, 32, "batch"), wide_tree(F, k_tree)), dtype, reference=False, rounds=3,
                           sweep_axis="F", peers=SWEEP_PEERS))
+    # Encoding one token reads all of W_enc for N x d x F / (F x d) = 1 multiply-add per weight: memory-bound,
+    # so its GB/s against the copy ceiling is the figure of merit.
+    cases.append(Case("sweepEncodeN-N1", f"Encoding one token: encode, N=1, d={d}, F=16384", "encode", 1, d,
+                      (flat(16384, 32), default_tree(16384, k_tree)), dtype, reference=False, rounds=7,
+                      sweep_axis=None, peers=SWEEP_PEERS))
     # A routed step has a floor that does not grow with N (writing the F x d gradients, AdamW over
     # every row) while the flat step's GEMM does: the routed advantage grows with the batch.
     for n in (256, 1024, 4096):
