@@ -189,6 +189,24 @@ def test_without_a_build_auto_falls_back_to_torch_and_says_why():
     assert "not built" in why
 
 
+def test_a_stale_build_is_not_used_and_says_how_to_rebuild():
+    """A module built from older sources (pulled without reinstalling) lacks newer entry points: the
+    backend reports itself unavailable, so auto falls back to torch instead of failing mid-step."""
+    out = _run_python(
+        "import sys, types; stale = types.ModuleType('hsae_fast._hsae_cpu')\n"
+        "stale.encode_forward = stale.encode_backward = stale.decode_forward = stale.decode_backward = print\n"
+        "sys.modules['hsae_fast._hsae_cpu'] = stale\n"
+        "import torch, hsae_fast\n"
+        "from hsae_fast.backends import resolve_backend\n"
+        "ok, why = hsae_fast.available_backends()['cpp']\n"
+        "print(ok, resolve_backend('auto', torch.device('cpu')), why)",
+        HSAE_CPP_JIT="0",
+    )
+    ok, picked, why = out.split(" ", 2)
+    assert (ok, picked) == ("False", "torch")
+    assert "older than the sources" in why and "pooled_gradient" in why and "pip install" in why
+
+
 def test_setup_py_declares_the_extension_and_survives_a_failed_build():
     """setup.py builds hsae_fast._hsae_cpu from csrc/ with the same sources and flags as the JIT path,
     and a compiler failure leaves the install going (the backend then reports itself unavailable)."""

@@ -32,6 +32,9 @@ NAME = "cpp"
 _CSRC = Path(__file__).resolve().parents[2] / "csrc"
 _module = None
 _status: Optional[tuple[bool, str]] = None
+# What this file calls in the module: a build without one of them is stale and not used.
+_ENTRY_POINTS = ("encode_forward", "encode_backward", "decode_forward", "decode_backward", "pooled_gradient",
+                 "release_gradient_pool", "gradient_pool_bytes")
 
 
 def _load_jit():
@@ -55,6 +58,12 @@ def available() -> tuple[bool, str]:
         jit = os.environ.get("HSAE_CPP_JIT", "") == "1"
         try:
             _module = _load_jit() if jit else importlib.import_module("hsae_fast._hsae_cpu")
+            missing = [name for name in _ENTRY_POINTS if not hasattr(_module, name)]
+            if missing:  # a build older than these sources (pulled without reinstalling)
+                _module = None
+                _status = (False, f"hsae_fast._hsae_cpu is older than the sources (no {', '.join(missing)}); "
+                                  f"rebuild it with `pip install --no-build-isolation -e .` or set HSAE_CPP_JIT=1")
+                return _status
             _status = (True, f"C++/OpenMP CPU ops ({'JIT build of csrc/' if jit else 'built by pip install'})")
         except Exception as exc:  # no compiler, no build: the package must still import
             how = "JIT build failed" if jit else "hsae_fast._hsae_cpu is not built"

@@ -16,8 +16,10 @@ from .trainer import Trainer, write_json
 
 
 def open_run_source(tcfg: TrainConfig, model_fields: dict):
+    if tcfg.model is not None:  # cache only the positions training will read, not the whole split
+        return open_source(tcfg.data, model=tcfg.model, layer=tcfg.layer, tokens=tcfg.tokens)
     if not tcfg.synthetic:
-        return open_source(tcfg.data, model=tcfg.model, layer=tcfg.layer)
+        return open_source(tcfg.data)
     from .config import SYNTHETIC_D_MODEL
 
     return open_source("synthetic", seed=tcfg.data_seed, d_model=model_fields.get("d_model", SYNTHETIC_D_MODEL),
