@@ -174,17 +174,23 @@ def _run_python(code: str, **env) -> str:
     return done.stdout.strip()
 
 
-def test_without_a_build_auto_falls_back_to_torch_and_says_why():
-    """No built module and no JIT (what a machine without a compiler gets after `pip install`)."""
+def _cpp_status_with_module(install_module: str) -> tuple[str, str, str]:
+    """(available, what auto picks on CPU, the reason) in a fresh process whose `hsae_fast._hsae_cpu`
+    is what `install_module` puts in sys.modules, with no JIT."""
     out = _run_python(
-        "import sys; sys.modules['hsae_fast._hsae_cpu'] = None\n"  # makes `import hsae_fast._hsae_cpu` fail
+        "import sys, types\n" + install_module + "\n"
         "import torch, hsae_fast\n"
         "from hsae_fast.backends import resolve_backend\n"
         "ok, why = hsae_fast.available_backends()['cpp']\n"
         "print(ok, resolve_backend('auto', torch.device('cpu')), why)",
         HSAE_CPP_JIT="0",
     )
-    ok, picked, why = out.split(" ", 2)
+    return tuple(out.split(" ", 2))
+
+
+def test_without_a_build_auto_falls_back_to_torch_and_says_why():
+    """No built module and no JIT (what a machine without a compiler gets after `pip install`)."""
+    ok, picked, why = _cpp_status_with_module("sys.modules['hsae_fast._hsae_cpu'] = None")  # the import fails
     assert (ok, picked) == ("False", "torch")
     assert "not built" in why
 
@@ -192,17 +198,10 @@ def test_without_a_build_auto_falls_back_to_torch_and_says_why():
 def test_a_stale_build_is_not_used_and_says_how_to_rebuild():
     """A module built from older sources (pulled without reinstalling) lacks newer entry points: the
     backend reports itself unavailable, so auto falls back to torch instead of failing mid-step."""
-    out = _run_python(
-        "import sys, types; stale = types.ModuleType('hsae_fast._hsae_cpu')\n"
+    ok, picked, why = _cpp_status_with_module(
+        "stale = types.ModuleType('hsae_fast._hsae_cpu')\n"
         "stale.encode_forward = stale.encode_backward = stale.decode_forward = stale.decode_backward = print\n"
-        "sys.modules['hsae_fast._hsae_cpu'] = stale\n"
-        "import torch, hsae_fast\n"
-        "from hsae_fast.backends import resolve_backend\n"
-        "ok, why = hsae_fast.available_backends()['cpp']\n"
-        "print(ok, resolve_backend('auto', torch.device('cpu')), why)",
-        HSAE_CPP_JIT="0",
-    )
-    ok, picked, why = out.split(" ", 2)
+        "sys.modules['hsae_fast._hsae_cpu'] = stale")
     assert (ok, picked) == ("False", "torch")
     assert "older than the sources" in why and "pooled_gradient" in why and "pip install" in why
 
