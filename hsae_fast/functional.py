@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
-
 import torch
 
 from .config import HSAEConfig
@@ -44,12 +42,9 @@ def encode(
         list(plan.level_sizes), list(cfg.k), kmax, [plan.children[l].max_children for l in lower],
         selection, cfg.gating == "hard", backend,
     )
-    codes, start = [], 0
-    for width in kmax:
-        cols = slice(start, start + width)
-        codes.append(LevelCodes(idx[:, cols], vals[:, cols], scores[:, cols]))
-        start += width
-    return codes
+    # the levels' slots sit side by side, bottom first
+    levels = zip(*(torch.split(t, kmax, dim=1) for t in (idx, vals, scores)))
+    return [LevelCodes(i, v, s) for i, v, s in levels]
 
 
 def decode(codes: list[LevelCodes], W_dec, level_gain, b_dec, backend: str, prefixes: bool = False) -> torch.Tensor:

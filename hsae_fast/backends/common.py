@@ -21,6 +21,15 @@ def poisoned_outputs(enabled: bool = True):
         _POISON = previous
 
 
+def level_stops(widths) -> list[int]:
+    """Boundaries of consecutive blocks (levels' rows, or their slots side by side): block l is
+    [stops[l], stops[l + 1])."""
+    stops = [0]
+    for w in widths:
+        stops.append(stops[-1] + int(w))
+    return stops
+
+
 def poison_(t: torch.Tensor) -> torch.Tensor:
     """Fill a reused buffer as `new_output` would a fresh one (NaN) while poisoning is on."""
     if _POISON:

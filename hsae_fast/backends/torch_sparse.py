@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .common import accumulation_dtype, new_output
+from .common import accumulation_dtype, level_stops, new_output
 
 NAME = "torch"
 
@@ -102,8 +102,7 @@ def encode_forward(
 
     W_enc (F_l, d), b_enc, edge_weight, path_mask, parent (F_l,) are this level's rows only, and
     every id is level-local: parent[f] and parent_idx (N, kp) index the level above, child_ids and
-    the returned idx this level. (So autograd gives each level's W_enc gradient as its own
-    (F_l, d) slice: no level writes or sums a buffer of the whole dictionary.)
+    the returned idx this level. (`ops/encode.py` runs the levels and offsets the ids.)
 
     Returns idx (N, kmax) int64, scores (N, kmax) float32 (float64 for float64 input; -inf in slots
     with no candidate, whose id is then 0), parent_slot (N, kmax) int64: the slot in parent_idx of
@@ -171,8 +170,10 @@ def encode_backward(
 ):
     """Sparse backward of encode_forward through the kept slots (straight-through selection).
 
-    Returns g_xc (N, d), g_W_enc (F_l, d), g_b_enc (F_l,), g_edge (F_l,), g_parent_vals (N, kp), each in
-    the accumulation dtype, or None when not needed. O(N * K * d), no (N, K, d) buffer.
+    idx indexes the rows of the W_enc given (`ops/encode.py` passes the whole dictionary and every
+    level's slots with global ids, so the W_enc gradient is one buffer). Returns g_xc (N, d), g_W_enc
+    (F, d), g_b_enc (F,), g_edge (F,), g_parent_vals (N, kp), each in the accumulation dtype, or None
+    when not needed. O(N * K * d), no (N, K, d) buffer.
     """
     acc = accumulation_dtype(xc.dtype)
     F = W_enc.shape[0]
@@ -195,14 +196,6 @@ def encode_backward(
     return g_xc, g_W, g_b, g_edge, g_parent
 
 
-def _level_stops(level_widths: list[int]) -> list[int]:
-    """Slot boundaries: level l's slots are [stops[l], stops[l+1])."""
-    stops = [0]
-    for w in level_widths:
-        stops.append(stops[-1] + w)
-    return stops
-
-
 def _slot_gain(level_gain: torch.Tensor, level_widths: list[int], acc) -> torch.Tensor:
     widths = torch.tensor(level_widths, device=level_gain.device)
     return level_gain.to(acc).repeat_interleave(widths)
@@ -221,7 +214,7 @@ def decode_forward(idx, vals, W_dec, level_gain, b_dec, level_widths: list[int],
     L = len(level_widths)
     out = new_output((L, idx.shape[0], W_dec.shape[1]), W_dec.dtype, W_dec.device)
     running = b_dec.to(acc).expand(idx.shape[0], -1)
-    stops = _level_stops(level_widths)
+    stops = level_stops(level_widths)
     for l in reversed(range(L)):
         sl = slice(stops[l], stops[l + 1])
         running = running + level_gain[l].to(acc) * _weighted_rows(idx[:, sl], vals[:, sl].to(acc), W)
@@ -236,7 +229,7 @@ def decode_backward(g_out, idx, vals, W_dec, level_gain, level_widths: list[int]
     F = W_dec.shape[0]
     L = len(level_widths)
     g = g_out.to(acc)
-    stops = _level_stops(level_widths)
+    stops = level_stops(level_widths)
     # With prefixes, level l's decode appears in P_0 .. P_l, so its gradient is the sum of theirs.
     g_levels = torch.cumsum(g, 0) if prefixes else None
     g_b = g.reshape(-1, g.shape[-1]).sum(0)

@@ -13,16 +13,8 @@ import torch
 from torch import Tensor
 
 from ..backends import get_backend
-from ..backends.common import accumulation_dtype, new_output
+from ..backends.common import accumulation_dtype, level_stops, new_output
 from ..selection import activations, select_candidates
-
-
-def _stops(widths) -> list[int]:
-    """Boundaries of consecutive blocks: block l is [stops[l], stops[l + 1])."""
-    stops = [0]
-    for w in widths:
-        stops.append(stops[-1] + int(w))
-    return stops
 
 
 @torch.library.custom_op("hsae_fast::encode_tree", mutates_args=())
@@ -51,7 +43,7 @@ def encode_tree(
     child_ptr[l], child_ids[l], max_children[l] (the last three for the L - 1 lower levels)."""
     impl = get_backend(backend)
     L = len(level_sizes)
-    offsets, stops = _stops(level_sizes), _stops(kmax)
+    offsets, stops = level_stops(level_sizes), level_stops(kmax)
     N, K = xc.shape[0], stops[-1]
     acc = accumulation_dtype(xc.dtype)
     idx = new_output((N, K), torch.int64, xc.device)
@@ -109,7 +101,7 @@ def encode_tree_backward(
         # A child's score holds edge * (its parent's activation), so its gradient reaches the
         # parent's activation, and through it the parent's score. Bottom level first: a level
         # passes its gradient up only once it has received all of its own.
-        stops = _stops(level_widths)
+        stops = level_stops(level_widths)
         for l in range(len(level_widths) - 1):
             cols = slice(stops[l], stops[l + 1])
             slot = parent_slot[:, cols]
