@@ -1,10 +1,19 @@
-"""Tree shapes at equal wall time (issue 10, quality): for each shape, a synthetic hierarchy of that
-shape (one true concept per feature), an HSAE and the matched flat SAE (same dict size and total L0)
-each trained for the same number of seconds, scored on recovery, tree recovery, HCS, FVU and dead
-fraction.
+"""Tree shapes at equal wall time (issue 10, quality): for each shape, an HSAE and the matched flat
+SAE (same dict size and total L0) each trained for the same number of seconds.
+
+Synthetic (default): a synthetic hierarchy of each shape (one true concept per feature), scored on
+recovery, tree recovery, HCS, FVU and dead fraction.
 
     python -m hsae_fast.train.shapes --out runs/shapes [--seconds 60] [--seeds 0,1]
         [--shapes 128/32/8,512/64/8,...] [--FIELD VALUE ...]
+
+Language model: `--data CACHE` (a folder written by `python -m hsae_fast.data.lm`); each shape gives
+its k after a colon (`4608/288/18:32/8/2`). Every model is then evaluated by `hsae eval` on held-out
+text (`--eval-tokens-lm`): explained variance, CE increase, KL, dead fraction per level. One flat SAE
+is trained per distinct (dict size, total L0) and shared by the shapes that match it.
+
+    python -m hsae_fast.train.shapes --out runs/lm_shapes --data CACHE --seconds 120 \
+        --shapes 4608/288/18:32/8/2,16384/1024/64:32/8/2 --config configs/lm_smollm2.yaml
 
 A shape is its level sizes bottom first; the true tree has the same sizes, and a mean of 2 active
 concepts per token at the top, doubling at each level below (k matches). Equal wall time: each
@@ -24,10 +33,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-from .config import TrainConfig, flat_baseline_config, parse_field_flags, resolve_model_config, split_fields
+from .config import (TrainConfig, flat_baseline_config, load_config_file, parse_field_flags,
+                     resolve_model_config, split_fields)
 from .run import open_run_source, train_one, use_threads
 from .trainer import Trainer, _plain
 
@@ -35,10 +46,23 @@ DEFAULT_SHAPES = ("128/32/8", "512/64/8", "2048/128/8", "4096/64/8", "512/128/32
 
 
 def parse_shape(text: str) -> tuple:
+    """'512/64/8' -> (512, 64, 8); level sizes bottom first, each a whole multiple of the next."""
     sizes = tuple(int(s) for s in text.replace("x", "/").split("/") if s.strip())
     if len(sizes) < 2 or any(a % b for a, b in zip(sizes, sizes[1:])):
         raise ValueError(f"--shapes {text!r}: level sizes bottom first, each a whole multiple of the next")
     return sizes
+
+
+def parse_shape_k(text: str) -> tuple:
+    """'4608/288/18:32/8/2' -> ((4608, 288, 18), (32, 8, 2)); k is None when no colon."""
+    shape, _, k_text = text.partition(":")
+    sizes = parse_shape(shape)
+    if not k_text:
+        return sizes, None
+    k = tuple(int(v) for v in k_text.split("/") if v.strip())
+    if len(k) != len(sizes):
+        raise ValueError(f"--shapes {text!r}: {len(sizes)} level sizes but {len(k)} values of k")
+    return sizes, k
 
 
 def mean_active(sizes: tuple) -> tuple:
@@ -65,23 +89,59 @@ def measure_tokens(cfg, tcfg: TrainConfig, source, seconds: float, probe_steps: 
     return max(tcfg.batch_size, int(rate * seconds) // tcfg.batch_size * tcfg.batch_size)
 
 
-def run_shape(sizes: tuple, seed: int, seconds: float, fields: dict, out_dir: Path, probe_steps: int) -> list:
+def run_shape(sizes: tuple, seed: int, seconds: float, fields: dict, out_dir: Path, probe_steps: int,
+              k: Optional[tuple] = None, flat_done: Optional[dict] = None, lm_eval: Optional[dict] = None) -> list:
+    """Train (and, for LM data, evaluate) the HSAE of this shape and its matched flat SAE.
+    `flat_done` maps (dict size, total L0, seed) to a flat row already made (LM mode reuses it)."""
     model_fields, train_fields = split_fields(fields)
-    train_fields = dict(train_fields, synthetic_sizes=sizes, synthetic_active=mean_active(sizes),
-                        data_seed=seed, seed=seed, progress=False)
-    model_fields = {k: v for k, v in model_fields.items() if k not in ("level_sizes", "dict_size", "k")}
+    train_fields = dict(train_fields, data_seed=seed, seed=seed, progress=False)
+    model_fields = {key: v for key, v in model_fields.items() if key not in ("level_sizes", "dict_size", "k", "level_ratios")}
+    lm = train_fields.get("data", "synthetic") != "synthetic"
+    if lm:
+        if k is None:
+            raise ValueError(f"shape {sizes}: with --data, give each shape its k (e.g. 4608/288/18:32/8/2)")
+        model_fields.update(level_sizes=sizes, k=k)
+    else:
+        train_fields.update(synthetic_sizes=sizes, synthetic_active=mean_active(sizes))
+        if k is not None:
+            model_fields.update(k=k)
     tcfg = TrainConfig(**train_fields)
     use_threads(tcfg)
     source = open_run_source(tcfg, model_fields)
     hsae_cfg = resolve_model_config(model_fields, source.d_model, tcfg)
+    flat_cfg = flat_baseline_config(hsae_cfg)
+    flat_key = (flat_cfg.dict_size, flat_cfg.k[0], seed)
     rows = []
-    for name, cfg in (("hsae", hsae_cfg), ("flat", flat_baseline_config(hsae_cfg))):
+    for name, cfg in (("hsae", hsae_cfg), ("flat", flat_cfg)):
+        row = {"shape": "/".join(map(str, sizes)), "seed": seed, "model": name, "level_sizes": list(cfg.level_sizes),
+               "k": list(cfg.k)}
+        if name == "flat" and flat_done is not None and flat_key in flat_done:
+            rows.append(dict(flat_done[flat_key], **row, shared_with=flat_done[flat_key]["shape"]))
+            continue
         tokens = measure_tokens(cfg, dataclasses.replace(tcfg, tokens=10 ** 9), source, seconds, probe_steps)
         run_tcfg = dataclasses.replace(tcfg, tokens=tokens)
         _, metrics = train_one(cfg, run_tcfg, source, out_dir / name, resume=False, desc=name)
-        rows.append({"shape": "/".join(map(str, sizes)), "seed": seed, "model": name, "level_sizes": list(cfg.level_sizes),
-                     "k": list(cfg.k), **metrics})
+        row.update(metrics)
+        if lm:
+            row["held_out"] = held_out_metrics(out_dir / name, lm_eval or {})
+        if name == "flat" and flat_done is not None:
+            flat_done[flat_key] = row
+        rows.append(row)
     return rows
+
+
+HELD_OUT_KEYS = ("n_tokens", "explained_variance", "ce_loss_increase", "kl_div_with_sae", "l0", "l0_per_level",
+                 "frac_dead_per_level", "hcs", "healthy")
+
+
+def held_out_metrics(run_dir: Path, lm_eval: dict) -> dict:
+    """`hsae eval` of one run (it writes RUN/metrics.json); `lm_eval` holds the loaded model and
+    tokenizer (filled on first use) and the token count."""
+    from ..eval.evaluate import evaluate_run
+
+    metrics = evaluate_run(run_dir, tokens=lm_eval.get("tokens"), model=lm_eval.get("model"),
+                           tokenizer=lm_eval.get("tokenizer"), progress=False)
+    return {key: metrics.get(key) for key in HELD_OUT_KEYS}
 
 
 def _fmt(values, digits=3) -> str:
@@ -108,6 +168,22 @@ def table(rows: list) -> str:
     return "\n".join(lines)
 
 
+def lm_table(rows: list) -> str:
+    """Markdown for language-model runs: held-out reconstruction and model preservation."""
+    lines = ["| shape (bottom first) | k | model | F | tokens | train s | train FVU | held-out EV | CE increase (nats) | "
+             "KL | L0 | dead frac per level (held-out) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        held = r.get("held_out") or {}
+        shared = f" (= {r['shared_with']})" if r.get("shared_with") else ""
+        lines.append(
+            f"| {r['shape']} | {'/'.join(map(str, r['k']))} | {r['model']}{shared} | {sum(r['level_sizes']):,} | "
+            f"{r['tokens']:,} | {r['train_seconds']:.0f} | {_fmt(r['fvu'], 4)} | {_fmt(held.get('explained_variance'))} | "
+            f"{_fmt(held.get('ce_loss_increase'))} | {_fmt(held.get('kl_div_with_sae'))} | {_fmt(held.get('l0'), 1)} | "
+            f"{_fmt(held.get('frac_dead_per_level'), 2)} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hsae_fast.train.shapes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="directory for the runs, results.jsonl and table.md")
@@ -115,10 +191,15 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (data draw and model init)")
     parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES), help="comma-separated level sizes, e.g. 512/64/8")
     parser.add_argument("--probe-steps", type=int, default=40, help="timed steps per model to measure tokens/s")
+    parser.add_argument("--config", default=None, help="a .json or .yaml file of fields for every run (flags override it)")
+    parser.add_argument("--eval-tokens-lm", type=int, default=None,
+                        help="held-out tokens per `hsae eval` with --data (default: hsae eval's)")
     args, extra = parser.parse_known_args(argv)
     try:
         fields = parse_field_flags(extra)
-        shapes = [parse_shape(s) for s in args.shapes.split(",") if s.strip()]
+        if args.config:  # flags override the file, as in `hsae train`
+            fields = dict(load_config_file(args.config), **fields)
+        shapes = [parse_shape_k(s) for s in args.shapes.split(",") if s.strip()]
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError as exc:
         print(f"shapes: error: {exc}", file=sys.stderr)
@@ -126,17 +207,25 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
+    lm = fields.get("data", "synthetic") != "synthetic"
+    render = lm_table if lm else table
+    flat_done, lm_eval = {}, {"tokens": args.eval_tokens_lm}
     rows = []
-    for sizes in shapes:
+    for sizes, k in shapes:
         for seed in seeds:
-            shape_rows = run_shape(sizes, seed, args.seconds, fields, out / f"{'-'.join(map(str, sizes))}_s{seed}",
-                                   args.probe_steps)
+            tag = "-".join(map(str, sizes)) + ("_k" + "-".join(map(str, k)) if k else "")
+            try:
+                shape_rows = run_shape(sizes, seed, args.seconds, fields, out / f"{tag}_s{seed}", args.probe_steps,
+                                       k=k, flat_done=flat_done, lm_eval=lm_eval)
+            except ValueError as exc:
+                print(f"shapes: error: {exc}", file=sys.stderr)
+                return 2
             with open(out / "results.jsonl", "a") as log:
                 for r in shape_rows:
                     log.write(json.dumps(_plain(r)) + "\n")
             rows += shape_rows
-            print("\n".join(table(shape_rows).splitlines()[2:]), flush=True)
-    text = table(rows)
+            print("\n".join(render(shape_rows).splitlines()[2:]), flush=True)
+    text = render(rows)
     (out / "table.md").write_text(text + "\n")
     print(text)
     return 0
