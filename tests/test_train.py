@@ -8,7 +8,7 @@ from hsae_fast import HSAEConfig, HSAELayer
 from hsae_fast.data.synthetic import SyntheticHierarchy
 from hsae_fast.train.config import TrainConfig, flat_baseline_config
 from hsae_fast.train.optim import (
-    MaskedAdamW, geometric_median, init_b_dec, remove_parallel_decoder_grad, renormalize_decoder,
+    MaskedAdamW, geometric_median, init_b_dec, remove_parallel_decoder_grad, renormalize_decoder, row_dots,
 )
 from hsae_fast.train.schedules import AdaptiveSparsity, feasible_k, lambda_cons, lr_factor, progressive_k
 from hsae_fast.train.trainer import Trainer, TrainingDiverged
@@ -71,6 +71,13 @@ def test_decoder_renorm_removes_the_parallel_gradient():
     norms = layer.W_dec.detach().norm(dim=1)
     torch.testing.assert_close(norms[1:], torch.ones(norms.shape[0] - 1))
     assert float(norms[0]) == pytest.approx(3.0)  # pruned rows never change
+
+
+@pytest.mark.parametrize("F,rows", [(1029, 512), (1, 512), (7, 3), (512, 512)])
+def test_row_dots_match_the_product_sum_bit_for_bit(F, rows):
+    gen = torch.Generator().manual_seed(F)
+    a, b = torch.randn(F, 37, generator=gen), torch.randn(F, 37, generator=gen)
+    assert torch.equal(row_dots(a, b, rows=rows), (a * b).sum(1))
 
 
 def test_geometric_median_resists_outliers():

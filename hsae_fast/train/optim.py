@@ -46,16 +46,36 @@ def remove_parallel_decoder_grad(layer) -> None:
     W, g = layer.W_dec, layer.W_dec.grad
     if g is None:
         return
-    coef = (g * W).sum(1, keepdim=True) / W.pow(2).sum(1, keepdim=True).clamp_min(1e-12)
-    g -= coef * W
+    # In place, no F x d temporary: `g -= (g * W).sum(1) / W.pow(2).sum(1) * W` took 57 ms of a
+    # 224 ms step at F=17472, d=576 (more than the sparse decode's whole backward); this takes 8.
+    coef = row_dots(g, W).unsqueeze(1)
+    coef /= torch.linalg.vector_norm(W, dim=1, keepdim=True).square_().clamp_min_(1e-12)
+    g.addcmul_(coef, W, value=-1.0)
+
+
+def row_dots(a: torch.Tensor, b: torch.Tensor, rows: int = 512) -> torch.Tensor:
+    """(a * b).sum(1), bit for bit, through one cache-sized buffer: the product of two F x d
+    matrices as one temporary costs a fresh allocation's page faults (4x slower here, 2 cores)."""
+    if a.device.type != "cpu":  # the caching allocator has no page faults; a loop would launch F / rows kernels
+        return torch.linalg.vecdot(a, b, dim=1)
+    out = torch.empty(a.shape[0], dtype=a.dtype, device=a.device)
+    buf = torch.empty(min(rows, a.shape[0]), a.shape[1], dtype=a.dtype, device=a.device)
+    for start in range(0, a.shape[0], rows):
+        stop = min(start + rows, a.shape[0])
+        chunk = buf[: stop - start]
+        torch.mul(a[start:stop], b[start:stop], out=chunk)
+        torch.sum(chunk, 1, out=out[start:stop])
+    return out
 
 
 @torch.no_grad()
 def renormalize_decoder(layer) -> None:
     """Unit-norm decoder rows for unpruned features (pruned rows never change)."""
-    mask = layer.path_mask
     W = layer.W_dec
-    W[mask] = W[mask] / W[mask].norm(dim=1, keepdim=True).clamp_min(1e-12)
+    norms = torch.linalg.vector_norm(W, dim=1, keepdim=True).clamp_min_(1e-12)
+    # Dividing a pruned row by exactly 1 leaves it bit-identical, without the boolean gathers and
+    # scatter of `W[mask] = W[mask] / ...` (67 ms of a 224 ms step at F=17472, d=576).
+    W.div_(torch.where(layer.path_mask.unsqueeze(1), norms, torch.ones_like(norms)))
 
 
 @torch.no_grad()
