@@ -135,12 +135,11 @@ HELD_OUT_KEYS = ("n_tokens", "explained_variance", "ce_loss_increase", "kl_div_w
 
 
 def held_out_metrics(run_dir: Path, lm_eval: dict) -> dict:
-    """`hsae eval` of one run (it writes RUN/metrics.json); `lm_eval` holds the loaded model and
-    tokenizer (filled on first use) and the token count."""
+    """`hsae eval` of one run (it writes RUN/metrics.json); `lm_eval` holds the held-out token count
+    (the LM reloads per run: a converted safetensors folder takes about 2 s)."""
     from ..eval.evaluate import evaluate_run
 
-    metrics = evaluate_run(run_dir, tokens=lm_eval.get("tokens"), model=lm_eval.get("model"),
-                           tokenizer=lm_eval.get("tokenizer"), progress=False)
+    metrics = evaluate_run(run_dir, tokens=lm_eval.get("tokens"), progress=False)
     return {key: metrics.get(key) for key in HELD_OUT_KEYS}
 
 
