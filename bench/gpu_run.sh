@@ -199,11 +199,11 @@ def peak_bytes(fn):
 
 
 # Routed: a wide level under a parent level of F/64 features (64 children each), 16 active parents.
+# Ids are level-local (the kernels' contract): parents 0..P-1, children 0..F-1.
 P, kp = max(1, F // 64), 16
-parent_offset = F
 child_ptr = torch.arange(0, F + 1, 64, device=device)
 child_ids = torch.arange(F, device=device)
-p_idx = parent_offset + torch.stack([torch.randperm(P, device=device)[:min(kp, P)] for _ in range(N)])
+p_idx = torch.stack([torch.randperm(P, device=device)[:min(kp, P)] for _ in range(N)])
 p_vals = torch.rand(p_idx.shape, device=device)
 edge = torch.zeros(F, device=device, dtype=dtype)
 
@@ -224,9 +224,9 @@ def sorted_backward():
 cases = {
     "torch.matmul (N x F scores)": lambda: xc @ W.T,
     "matmul + bias + torch.topk": lambda: torch.topk(torch.addmm(b, xc, W.T), K, dim=1),
-    "triton encode_dense (fused top-k)": lambda: encode_dense(xc, W, b, mask, 0, F, K),
+    "triton encode_dense (fused top-k)": lambda: encode_dense(xc, W, b, mask, K),
     f"triton encode_routed ({min(kp, P)} parents x 64 children)": lambda: encode_routed(
-        xc, W, b, edge, p_idx, p_vals, child_ptr, child_ids, 64, 0, F, K),
+        xc, W, b, edge, p_idx, p_vals, child_ptr, child_ids, 64, K),
     "triton decode forward": lambda: decode_forward(idx, vals, W, gain, b[:d], [K], False),
     "triton decode backward (atomic)": lambda: decode_backward(g_out, idx, vals, W, gain, [K], False, True, True, True),
     "triton decode backward (sorted)": lambda: sorted_backward(),
