@@ -153,34 +153,59 @@ def _fmt(values, digits=3) -> str:
     return f"{values:.{digits}f}"
 
 
-def table(rows: list) -> str:
-    """Markdown, one line per (shape, seed, model)."""
-    lines = ["| shape (bottom first) | seed | model | tokens | train s | FVU | dead frac per level | "
-             "recovery per level, raw | refined | tree raw / refined | HCS |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        refined = r.get("refined") or {}
-        lines.append(
-            f"| {r['shape']} | {r['seed']} | {r['model']} | {r['tokens']:,} | {r['train_seconds']:.0f} | "
-            f"{_fmt(r['fvu'], 4)} | {_fmt(r['dead_frac'], 2)} | {_fmt(r['recovery'])} | {_fmt(refined.get('recovery'))} | "
-            f"{_fmt(r['tree_recovery'])} / {_fmt(refined.get('tree_recovery'))} | {_fmt(r['hcs'])} |")
+def _markdown(columns: tuple, rows: list) -> str:
+    """A Markdown table: `columns` is ((title, cell(row) -> str), ...), one line per row."""
+    lines = ["| " + " | ".join(title for title, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def _refined(r: dict) -> dict:
+    return r.get("refined") or {}
+
+
+def _held(r: dict) -> dict:
+    return r.get("held_out") or {}
+
+
+SYNTHETIC_COLUMNS = (
+    ("shape (bottom first)", lambda r: r["shape"]),
+    ("seed", lambda r: str(r["seed"])),
+    ("model", lambda r: r["model"]),
+    ("tokens", lambda r: f"{r['tokens']:,}"),
+    ("train s", lambda r: f"{r['train_seconds']:.0f}"),
+    ("FVU", lambda r: _fmt(r["fvu"], 4)),
+    ("dead frac per level", lambda r: _fmt(r["dead_frac"], 2)),
+    ("recovery per level, raw", lambda r: _fmt(r["recovery"])),
+    ("refined", lambda r: _fmt(_refined(r).get("recovery"))),
+    ("tree raw / refined", lambda r: f"{_fmt(r['tree_recovery'])} / {_fmt(_refined(r).get('tree_recovery'))}"),
+    ("HCS", lambda r: _fmt(r["hcs"])),
+)
+
+LM_COLUMNS = (
+    ("shape (bottom first)", lambda r: r["shape"]),
+    ("k", lambda r: "/".join(map(str, r["k"]))),
+    ("model", lambda r: r["model"] + (f" (= {r['shared_with']})" if r.get("shared_with") else "")),
+    ("F", lambda r: f"{sum(r['level_sizes']):,}"),
+    ("tokens", lambda r: f"{r['tokens']:,}"),
+    ("train s", lambda r: f"{r['train_seconds']:.0f}"),
+    ("train FVU", lambda r: _fmt(r["fvu"], 4)),
+    ("held-out EV", lambda r: _fmt(_held(r).get("explained_variance"))),
+    ("CE increase (nats)", lambda r: _fmt(_held(r).get("ce_loss_increase"))),
+    ("KL", lambda r: _fmt(_held(r).get("kl_div_with_sae"))),
+    ("L0", lambda r: _fmt(_held(r).get("l0"), 1)),
+    ("dead frac per level (held-out)", lambda r: _fmt(_held(r).get("frac_dead_per_level"), 2)),
+)
+
+
+def table(rows: list) -> str:
+    """Markdown for synthetic runs, one line per (shape, seed, model)."""
+    return _markdown(SYNTHETIC_COLUMNS, rows)
 
 
 def lm_table(rows: list) -> str:
     """Markdown for language-model runs: held-out reconstruction and model preservation."""
-    lines = ["| shape (bottom first) | k | model | F | tokens | train s | train FVU | held-out EV | CE increase (nats) | "
-             "KL | L0 | dead frac per level (held-out) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        held = r.get("held_out") or {}
-        shared = f" (= {r['shared_with']})" if r.get("shared_with") else ""
-        lines.append(
-            f"| {r['shape']} | {'/'.join(map(str, r['k']))} | {r['model']}{shared} | {sum(r['level_sizes']):,} | "
-            f"{r['tokens']:,} | {r['train_seconds']:.0f} | {_fmt(r['fvu'], 4)} | {_fmt(held.get('explained_variance'))} | "
-            f"{_fmt(held.get('ce_loss_increase'))} | {_fmt(held.get('kl_div_with_sae'))} | {_fmt(held.get('l0'), 1)} | "
-            f"{_fmt(held.get('frac_dead_per_level'), 2)} |")
-    return "\n".join(lines)
+    return _markdown(LM_COLUMNS, rows)
 
 
 def main(argv=None) -> int:
