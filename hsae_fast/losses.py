@@ -2,7 +2,7 @@
 tracking, hierarchical consistency (orphan + L2, or revision 1's KL), and their weighted total.
 
 Every function takes the (N, kmax) slots of `HSAEOutput.levels` (idx, vals, scores), never an
-N x F buffer; AuxK scores only the dead subset (N x |dead|).
+N x F buffer; AuxK scores only the dead subset, keeping N x k_aux of it.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as Fn
 
 from .metrics import parent_activation
+from .ops.auxk import dead_decode, dead_topk
 
 KL_EPS = 1e-6
 
@@ -110,20 +111,24 @@ def auxk_loss(layer, x: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor, k
     top k_aux softplus(s) among the dead features (`dead`: (F,) bool, pruned ones excluded by the
     caller), scored without gating and without the edge term (a dead feature's parent is usually
     silent). Only the dead rows of W_enc, b_enc, W_dec receive gradient: b_dec and the level gains
-    are held constant, since the dead features are what this loss is for."""
+    are held constant, since the dead features are what this loss is for.
+
+    Sparse throughout (`ops/auxk.py`): the dead rows are scored by one fused GEMM + top-k, only the
+    N x k_aux chosen codes are decoded and differentiated, and the weight gradients cover the dead
+    rows only."""
     dead_ids = torch.nonzero(dead).squeeze(1)
     x2 = x.reshape(-1, x.shape[-1])
     if dead_ids.numel() == 0 or x2.shape[0] == 0:
         return x2.new_zeros((), dtype=torch.float32)
     acc = _acc(x.dtype)
     e = (x2 - x_hat.reshape(-1, x2.shape[1])).detach().to(acc)
-    xc = (x2 - layer.b_dec).detach()
-    scores = (xc @ layer.W_enc[dead_ids].T + layer.b_enc[dead_ids]).to(acc)  # (N, |dead|)
+    xc = (x2 - layer.b_dec).detach().to(layer.W_enc.dtype)
+    backend = layer.backend_for(x2.device)
     k = min(int(k_aux), dead_ids.numel())
-    top = scores.topk(k, dim=1)
-    acts = torch.zeros_like(scores).scatter(1, top.indices, Fn.softplus(top.values))
-    gain = layer.level_gain.detach()[level_of(layer.cfg.level_sizes, x.device)[dead_ids]]
-    e_hat = acts @ (layer.W_dec[dead_ids].to(acc) * gain.to(acc)[:, None])
+    scores, local = dead_topk(xc, layer.W_enc, layer.b_enc, dead_ids, k, backend)
+    gain = layer.level_gain.detach().to(acc)[level_of(layer.cfg.level_sizes, x.device)[dead_ids]]
+    vals = Fn.softplus(scores.to(acc)) * gain[local]
+    e_hat = dead_decode(local, vals, layer.W_dec, dead_ids, backend).to(acc)
     e_norm = e.pow(2).sum()
     if global_sum is not None:
         e_norm = global_sum(e_norm)

@@ -11,7 +11,10 @@ from hsae_fast.losses import (
 )
 from hsae_fast.functional import LevelCodes
 
-from helpers import densify, random_layer
+from hsae_fast.backends.common import poisoned_outputs
+from hsae_fast.ops.auxk import dead_decode, dead_topk
+
+from helpers import TOLERANCE, assert_close, case_seed, densify, random_layer, usable_backends
 
 TOL = dict(rtol=1e-9, atol=1e-12)
 
@@ -147,13 +150,17 @@ def _dense_auxk(layer, x, x_hat, dead, k_aux):
     return ((e - e_hat) ** 2).sum() / (e ** 2).sum()
 
 
+def _dense(g):
+    return g.to_dense() if g.is_sparse else g
+
+
 def test_auxk_matches_dense_formula_and_trains_only_dead_rows():
     layer, x = _model(gating="hard")
     out = layer(x)
     gen = torch.Generator().manual_seed(5)
     dead = (torch.rand(layer.cfg.dict_size, generator=gen) < 0.4) & layer.path_mask
     got = auxk_loss(layer, x, out.x_hat, dead, 5)
-    grads = torch.autograd.grad(got, [layer.W_enc, layer.b_enc, layer.W_dec])
+    grads = [_dense(g) for g in torch.autograd.grad(got, [layer.W_enc, layer.b_enc, layer.W_dec])]
     want = _dense_auxk(layer, x, out.x_hat, dead, 5)
     want_grads = torch.autograd.grad(want, [layer.W_enc, layer.b_enc, layer.W_dec])
     torch.testing.assert_close(got, want, **TOL)
@@ -163,6 +170,64 @@ def test_auxk_matches_dense_formula_and_trains_only_dead_rows():
     assert (grads[0][dead] != 0).any()
     # no dead feature: no loss, no work
     assert float(auxk_loss(layer, x, out.x_hat, torch.zeros_like(dead), 5)) == 0.0
+
+
+# (N, dead fraction, k_aux): k_aux above the dead count (all of them), N=1, one dead feature.
+AUXK_CASES = [(37, 0.4, 5), (1, 0.3, 4), (19, 0.05, 50), (23, 0.9, 31)]
+
+
+@pytest.mark.parametrize("backend", usable_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("N, dead_frac, k_aux", AUXK_CASES)
+def test_auxk_every_backend_against_float64(backend, dtype, N, dead_frac, k_aux):
+    """The sparse AuxK (ops/auxk.py) of each backend against the dense float64 formula on the same
+    rounded weights, loss and every weight gradient, with poisoned outputs; beside the main loss
+    its gradients add into the dense ones (autograd accumulates the sparse rows in place)."""
+    seed = case_seed("auxk", backend, str(dtype), N, dead_frac, k_aux)
+    cfg = HSAEConfig(d_model=13, level_sizes=(45, 9, 3), k=(5, 3, 2), k_aux=k_aux)
+    layer = random_layer(cfg, backend, dtype, seed, prune_frac=0.1)
+    x = torch.randn(N, 13, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    gen = torch.Generator().manual_seed(seed + 1)
+    dead = (torch.rand(cfg.dict_size, generator=gen) < dead_frac) & layer.path_mask
+    if not dead.any():
+        dead[int(torch.nonzero(layer.path_mask)[0])] = True
+    params = [layer.W_enc, layer.b_enc, layer.W_dec]
+    with poisoned_outputs():
+        x_hat = layer(x).x_hat.detach()
+        got = auxk_loss(layer, x, x_hat, dead, k_aux)
+        grads = [_dense(g).double() for g in torch.autograd.grad(got, params)]
+    ref = random_layer(cfg, "torch", torch.float64, seed, prune_frac=0.1)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            getattr(ref, name).copy_(p.double())
+    want = _dense_auxk(ref, x.double(), x_hat.double(), dead, min(k_aux, int(dead.sum())))
+    want_grads = torch.autograd.grad(want, [ref.W_enc, ref.b_enc, ref.W_dec])
+    tol = TOLERANCE[dtype]
+    assert_close("auxk", got.double(), want, tol)
+    for name, g, w in zip(("W_enc", "b_enc", "W_dec"), grads, want_grads):
+        assert_close(f"auxk grad {name}", g, w, tol)
+        assert (g[~dead] == 0).all(), name
+    # Beside the main loss the gradients are dense and are the sum of both.
+    layer.zero_grad(set_to_none=True)
+    out = layer(x)
+    main = mse(x, out.x_hat)  # not fvu: one token has no variance
+    main_grads = torch.autograd.grad(main, params, retain_graph=True)
+    (main + auxk_loss(layer, x, out.x_hat, dead, k_aux)).backward()
+    for p, g_main, g_aux in zip(params, main_grads, grads):
+        assert p.grad.layout == torch.strided
+        assert_close("main + auxk", p.grad.double(), g_main.double() + g_aux, TOLERANCE[dtype])
+
+
+def test_auxk_ops_name_bad_input():
+    xc, W, b = torch.randn(3, 4), torch.randn(6, 4), torch.zeros(6)
+    with pytest.raises(ValueError, match="sorted, unique"):
+        dead_topk(xc, W, b, torch.tensor([3, 1]), 1, "torch")
+    with pytest.raises(ValueError, match="sorted, unique"):
+        dead_topk(xc, W, b, torch.tensor([1, 6]), 1, "torch")
+    with pytest.raises(ValueError, match="k=3 must lie in"):
+        dead_topk(xc, W, b, torch.tensor([1, 2]), 3, "torch")
+    with pytest.raises(ValueError, match="1-D int64"):
+        dead_decode(torch.zeros(3, 1, dtype=torch.int64), torch.ones(3, 1), W, torch.tensor([1.0]), "torch")
 
 
 def test_dead_feature_tracker():

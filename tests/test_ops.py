@@ -48,3 +48,20 @@ def test_compiled_training_step_has_no_graph_break():
     loss = compiled(x)
     loss.backward()
     assert torch.isfinite(loss) and layer.W_enc.grad is not None and layer.W_enc.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", usable_backends())
+def test_opcheck_auxk_ops(backend):
+    """AuxK's ops run eagerly: the dead set is data-dependent (a graph break in any case) and their
+    weight gradients are sparse COO, which AOTAutograd does not trace; the rest of opcheck holds."""
+    from hsae_fast.ops.auxk import dead_decode, dead_topk
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    gen = torch.Generator().manual_seed(6)
+    xc = torch.randn(5, 6, generator=gen)
+    W = torch.randn(12, 6, generator=gen).requires_grad_(True)
+    b = torch.randn(12, generator=gen).requires_grad_(True)
+    dead_ids = torch.tensor([1, 4, 5, 9, 11])
+    torch.library.opcheck(dead_topk, (xc, W, b, dead_ids, 3, backend), test_utils=utils)
+    _scores, local = dead_topk(xc, W, b, dead_ids, 3, backend)
+    vals = torch.rand(5, 3, generator=gen).requires_grad_(True)
+    torch.library.opcheck(dead_decode, (local, vals, W, dead_ids, backend), test_utils=utils)

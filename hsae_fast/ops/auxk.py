@@ -1,0 +1,128 @@
+"""AuxK's two ops (SPEC 5): `hsae_fast::dead_topk`, each token's k best scores among a subset of
+features (the dead ones), ungated and without the edge term, and `hsae_fast::dead_decode`, the
+decode of those codes. Both have sparse backwards that touch only the dead rows.
+
+Why ops: in plain torch, `xc @ W_enc[dead].T`, a top-k and `acts @ W_dec[dead]` keep an N x |dead|
+matrix and cost five N x |dead| x d products with the backward, and each gather `W[dead]` returns a
+dense F x d gradient that autograd then adds to the main one (two more passes over F x d: at
+F=16,960 and 2,300 dead features that was 150 ms, more than the rest of the training step). Here
+the forward is the backend's fused dense encode (GEMM and top-k in one pass, O(N * k) memory) over
+the gathered dead rows, the decode and both backwards are the backends' sparse kernels on the
+N x k chosen codes with ids local to the dead subset, and the weight gradients leave as sparse
+COO tensors over the dead rows: autograd adds those in place into the main dense gradient."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..backends import get_backend
+from ..backends.common import accumulation_dtype
+
+
+def _dead_rows_gradient(dead_ids: Tensor, rows: Tensor, shape) -> Tensor:
+    """The (F, d) gradient whose only nonzero rows are `rows` (n, d) at `dead_ids` (sorted, unique)."""
+    return torch.sparse_coo_tensor(dead_ids[None], rows, shape, is_coalesced=True, check_invariants=False)
+
+
+def _check_ids(dead_ids: Tensor, F: int) -> None:
+    if dead_ids.dtype != torch.int64 or dead_ids.dim() != 1:
+        raise ValueError(f"dead_ids must be a 1-D int64 tensor, got {tuple(dead_ids.shape)} {dead_ids.dtype}")
+    n = dead_ids.numel()
+    if n and (int(dead_ids[0]) < 0 or int(dead_ids[-1]) >= F or (n > 1 and not bool((dead_ids[1:] > dead_ids[:-1]).all()))):
+        raise ValueError(f"dead_ids must be sorted, unique ids in [0, {F})")
+
+
+# --------------------------------------------------------------------------------------- dead_topk
+@torch.library.custom_op("hsae_fast::dead_topk", mutates_args=())
+def dead_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, dead_ids: Tensor, k: int, backend: str) -> tuple[Tensor, Tensor]:
+    """xc (N, d), W_enc (F, d), b_enc (F,), dead_ids (n,) sorted unique int64 ids, 1 <= k <= n ->
+    scores (N, k) in the accumulation dtype and local (N, k) int64: per token the k largest
+    `xc . W_enc[i] + b_enc[i]` over i in dead_ids, as positions in dead_ids (the feature is
+    dead_ids[local])."""
+    n = dead_ids.numel()
+    _check_ids(dead_ids, W_enc.shape[0])
+    if not 1 <= k <= n:
+        raise ValueError(f"dead_topk: k={k} must lie in [1, {n}] (the number of dead features)")
+    local, scores, _ = get_backend(backend).encode_forward(
+        xc, W_enc.index_select(0, dead_ids), b_enc.index_select(0, dead_ids), b_enc.new_zeros(n),
+        torch.ones(n, dtype=torch.bool, device=xc.device), torch.full((n,), -1, dtype=torch.int64, device=xc.device),
+        None, None, None, None, 0, k, False,
+    )
+    return scores, local
+
+
+@dead_topk.register_fake
+def _(xc, W_enc, b_enc, dead_ids, k, backend):
+    N = xc.shape[0]
+    return xc.new_empty((N, k), dtype=accumulation_dtype(xc.dtype)), xc.new_empty((N, k), dtype=torch.int64)
+
+
+def _dead_topk_backward_impl(g_scores, local, xc, W_enc, dead_ids, need_xc, backend):
+    """Gradients of xc (N, d) (empty if not needed), of the dead rows of W_enc (n, d) and of
+    b_enc (n,), in the accumulation dtype."""
+    N, k = local.shape
+    n = dead_ids.numel()
+    g_xc, g_rows, g_b, _, _ = get_backend(backend).encode_backward(
+        g_scores.contiguous(), local.contiguous(), torch.full((N, k), -1, dtype=torch.int64, device=local.device),
+        xc, W_enc.index_select(0, dead_ids), W_enc.new_zeros(n), None, need_xc, True, False, False,
+    )
+    return (g_xc if g_xc is not None else xc.new_empty(0)), g_rows, g_b
+
+
+def _dead_topk_setup(ctx, inputs, output):
+    xc, W_enc, _b, dead_ids, _k, backend = inputs
+    ctx.backend = backend
+    _scores, local = output
+    ctx.mark_non_differentiable(local)
+    ctx.save_for_backward(xc, W_enc, dead_ids, local)
+
+
+def _dead_topk_grad(ctx, g_scores, _g_local):
+    xc, W_enc, dead_ids, local = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if not (need[0] or need[1] or need[2]):
+        return None, None, None, None, None, None
+    g_xc, g_rows, g_b = _dead_topk_backward_impl(g_scores, local, xc, W_enc, dead_ids, need[0], ctx.backend)
+    g_W = _dead_rows_gradient(dead_ids, g_rows.to(W_enc.dtype), W_enc.shape) if need[1] else None
+    g_b_enc = W_enc.new_zeros(W_enc.shape[0]).index_copy_(0, dead_ids, g_b.to(W_enc.dtype)) if need[2] else None
+    return g_xc.to(xc.dtype) if need[0] else None, g_W, g_b_enc, None, None, None
+
+
+dead_topk.register_autograd(_dead_topk_grad, setup_context=_dead_topk_setup)
+
+
+# ------------------------------------------------------------------------------------- dead_decode
+@torch.library.custom_op("hsae_fast::dead_decode", mutates_args=())
+def dead_decode(local: Tensor, vals: Tensor, W_dec: Tensor, dead_ids: Tensor, backend: str) -> Tensor:
+    """sum_j vals[n, j] * W_dec[dead_ids[local[n, j]]] -> (N, d) in W_dec's dtype (no bias, no gain)."""
+    _check_ids(dead_ids, W_dec.shape[0])
+    d = W_dec.shape[1]
+    return get_backend(backend).decode_forward(
+        local, vals, W_dec.index_select(0, dead_ids), W_dec.new_ones(1), W_dec.new_zeros(d), [local.shape[1]], False)
+
+
+@dead_decode.register_fake
+def _(local, vals, W_dec, dead_ids, backend):
+    return W_dec.new_empty((local.shape[0], W_dec.shape[1]))
+
+
+def _dead_decode_setup(ctx, inputs, output):
+    local, vals, W_dec, dead_ids, backend = inputs
+    ctx.backend = backend
+    ctx.save_for_backward(local, vals, W_dec, dead_ids)
+
+
+def _dead_decode_grad(ctx, g_out):
+    local, vals, W_dec, dead_ids = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    if not (need[1] or need[2]):
+        return None, None, None, None, None
+    g_vals, g_rows, _, _ = get_backend(ctx.backend).decode_backward(
+        g_out.contiguous(), local, vals, W_dec.index_select(0, dead_ids), W_dec.new_ones(1), [local.shape[1]], False,
+        need[1], need[2], False,
+    )
+    g_W = _dead_rows_gradient(dead_ids, g_rows.to(W_dec.dtype), W_dec.shape) if need[2] else None
+    return None, g_vals.to(vals.dtype) if need[1] else None, g_W, None, None
+
+
+dead_decode.register_autograd(_dead_decode_grad, setup_context=_dead_decode_setup)
