@@ -79,6 +79,7 @@ class Case:
     rounds: Optional[int] = None  # None: the session default
     peers: tuple = ("sparsify", "saelens")  # which peers join the flat models
     sweep_axis: Optional[str] = None  # "F" or "N" for scaling cases: the report plots against it
+    optimizer_floor: bool = False  # step cases: also time fused AdamW alone on a flat model's parameters
 
 
 def _ops_cases(group: str, N: int, d: int, F: int, k_flat: int, k_tree: tuple, dtype, prefix: str):
@@ -92,8 +93,10 @@ def _ops_cases(group: str, N: int, d: int, F: int, k_flat: int, k_tree: tuple, d
 def _routed_cases(group: str, N: int, d: int, dtype, prefix: str):
     F, k_tree = 65536, (20, 8, 4)
     models = (flat(F, 32, "batch"), default_tree(F, k_tree), wide_tree(F, k_tree))
+    # A routed step is memory-bound: fused AdamW's pass over every parameter and moment is timed
+    # alone beside it, the floor no routing removes.
     return [Case(f"{prefix}-routed-F{F}-{op}", group, op, N, d, models, dtype, reference=False, rounds=5,
-                 peers=("sparsify",))
+                 peers=("sparsify",), optimizer_floor=op == "step")
             for op in ("encode", "step")]
 
 

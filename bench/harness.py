@@ -10,13 +10,14 @@ from typing import Optional
 
 import torch
 
-from .candidates import base_layer, build_implementation, check_rows, implementation_plan
+from .candidates import LEARNING_RATE, base_layer, build_implementation, check_rows, implementation_plan
 from .cases import Case, ModelSpec, training_state_bytes, work
 from .timing import (LoadWindow, RoundRobin, Timed, ceiling_candidates, ceilings_from, free_memory_bytes,
                      memory_method, paired_ratio, summarize)
 
 FLOOR = "encoder GEMM"  # x @ W_enc.T alone: a flat SAE's unavoidable work, and the target of issue 5
 DENSE_ENCODE = "matmul+topk"  # a flat TopK encode done densely: the encode baseline
+ADAMW_FLOOR = "AdamW alone"  # fused AdamW over a flat model's parameters: every step's memory-bound floor
 MIN_ROUNDS = 3
 MEMORY_HEADROOM = 0.7  # share of free memory one implementation's held state may take (activations need the rest)
 
@@ -92,6 +93,17 @@ def _timed(label: str, impl, op: str, x: torch.Tensor) -> Timed:
     return Timed(label, lambda _: impl.step(x))
 
 
+def _adamw_floor(F: int, d: int, dtype: torch.dtype, device: torch.device) -> Timed:
+    """torch's fused AdamW step (as every candidate's step uses) on W_enc, W_dec, b_enc, b_dec of a
+    flat model of F features, gradients already in place: what a step costs before any SAE work."""
+    params = [torch.zeros(shape, dtype=dtype, device=device, requires_grad=True) for shape in ((F, d), (F, d), (F,), (d,))]
+    for p in params:
+        p.grad = torch.full_like(p, 1e-3)
+    optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, fused=True)
+    optimizer.step()  # the moments exist before the timed rounds
+    return Timed(ADAMW_FLOOR, lambda _: optimizer.step())
+
+
 def _baselines(case: Case, labels: dict) -> dict:
     """label -> the label its speedup is measured against (absent: no ratio)."""
     if case.reference:
@@ -120,6 +132,12 @@ def _candidates(case: Case, state: BenchState, x: torch.Tensor, seed: int) -> tu
             return torch.relu(((x - b_dec) @ W_enc.T + b_enc).topk(top.k_total, dim=1).values)
         timed.append(Timed(DENSE_ENCODE, dense_encode))
         labels[DENSE_ENCODE] = {"impl": "torch.matmul+topk", "model": "flat", "flat": True, "work": floor_work}
+    if case.op == "step" and case.optimizer_floor:
+        timed.append(_adamw_floor(top.dict_size, case.d, case.dtype, state.device))
+        params = 2 * top.dict_size * case.d + top.dict_size + case.d
+        # reads parameters, gradients and both moments, writes parameters and both moments
+        labels[ADAMW_FLOOR] = {"impl": "torch.optim.AdamW", "model": "flat", "flat": True,
+                               "work": {"flops": 0, "bytes": params * 7 * element_size}}
     skipped = {}
     for spec in case.models:
         for name, reason in implementation_plan(spec, state.device, case.reference, case.peers):

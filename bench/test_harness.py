@@ -2,6 +2,8 @@
 the correctness gate, ratios must come from interleaved rounds, and a run must render to a report."""
 import json
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -71,8 +73,11 @@ def test_run_case_reports_every_candidate(op):
 def test_routed_case_compares_each_backend_with_its_flat_model():
     models = (flat(96, 8, "batch"), default_tree(96, (4, 2, 2)))
     state = harness.BenchState(device=CPU, rounds=2, warmup=0)
-    results = harness.run_case(tiny_case("step", models, reference=False), StubBenchmark(), state)["candidates"]
+    case = dataclasses.replace(tiny_case("step", models, reference=False), optimizer_floor=True)
+    results = harness.run_case(case, StubBenchmark(), state)["candidates"]
     assert results["torch [3-level]"]["baseline"] == "torch [flat]"
+    # the optimizer floor is timed beside them, with no ratio of its own
+    assert results[harness.ADAMW_FLOOR]["median_ms"] > 0 and "baseline" not in results[harness.ADAMW_FLOOR]
 
 
 def test_wrong_backend_fails_the_gate(monkeypatch):

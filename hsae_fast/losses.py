@@ -115,7 +115,10 @@ def auxk_loss(layer, x: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor, k
 
     Sparse throughout (`ops/auxk.py`): the dead rows are scored by one fused GEMM + top-k, only the
     N x k_aux chosen codes are decoded and differentiated, and the weight gradients cover the dead
-    rows only."""
+    rows only: they are sparse COO tensors, which autograd adds in place into the dense gradients of
+    the main loss. Differentiated alone (no other term reaching W_enc, b_enc is dense), W_enc.grad and
+    W_dec.grad stay sparse; optimizers such as AdamW need dense ones, so add AuxK to the main loss
+    (as `total_loss` does)."""
     dead_ids = torch.nonzero(dead).squeeze(1)
     x2 = x.reshape(-1, x.shape[-1])
     if dead_ids.numel() == 0 or x2.shape[0] == 0:
