@@ -1,6 +1,7 @@
 """AuxK's cost in a training step: the sparse ops (hsae_fast/ops/auxk.py) against the plain-torch
 formula a user would write (and this library used before): `xc @ W_enc[dead].T`, top-k, a dense
-decode `acts @ W_dec[dead]`.
+decode `acts @ W_dec[dead]`. `auxk_loss` itself picks the dense products up to
+`AUXK_SPARSE_ABOVE * k_aux` dead features and the sparse ops above; this script forces each.
 
     python -m bench.bench_auxk                                  # F=16960 (the wide LM tree), d=576, N=1024
     python -m bench.bench_auxk --dead 700,2300,6000 --rounds 9
@@ -38,6 +39,11 @@ def dense_auxk(layer, x, x_hat, dead, k_aux):
     gain = layer.level_gain.detach()[level_of(layer.cfg.level_sizes)[dead_ids]]
     e_hat = acts @ (layer.W_dec[dead_ids] * gain[:, None])
     return (e - e_hat).pow(2).sum() / e.pow(2).sum()
+
+
+def sparse_auxk(layer, x, x_hat, dead, k_aux):
+    """The library's AuxK forced onto its sparse ops (by default it takes them above 4 * k_aux dead)."""
+    return auxk_loss(layer, x, x_hat, dead, k_aux, sparse=True)
 
 
 def step(layer, x, aux, dead, k_aux):
@@ -85,7 +91,7 @@ def main() -> None:
         dead[torch.randperm(sizes[0], generator=torch.Generator().manual_seed(n_dead))[:n_dead]] = True
         candidates = [Timed("none", step(layer, x, None, dead, k_aux)),
                       Timed("torch", step(layer, x, dense_auxk, dead, k_aux)),
-                      Timed("sparse", step(layer, x, auxk_loss, dead, k_aux))]
+                      Timed("sparse", step(layer, x, sparse_auxk, dead, k_aux))]
         timer = RoundRobin(candidates, torch.device("cpu"), warmup=args.warmup)
         for _ in range(args.warmup + args.rounds):
             timer()

@@ -105,33 +105,50 @@ def level_of(level_sizes: Sequence[int], device=None) -> torch.Tensor:
                                    torch.tensor(level_sizes, device=device))
 
 
+# Above this many dead features per AuxK code the sparse ops win; below it, small dense products do
+# (bench/bench_auxk.py: at k_aux 288 the two tie near 1,000 dead features; at the demo's sizes the
+# sparse ops' fixed cost made the whole step 20-35% slower).
+AUXK_SPARSE_ABOVE = 4
+
+
 def auxk_loss(layer, x: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor, k_aux: int,
-              global_sum: GlobalSum = None) -> torch.Tensor:
+              global_sum: GlobalSum = None, sparse: Optional[bool] = None) -> torch.Tensor:
     """SPEC 5 AuxK: ||e - e_hat||^2 / ||e||^2, e = x - x_hat (held constant), e_hat the decode of the
     top k_aux softplus(s) among the dead features (`dead`: (F,) bool, pruned ones excluded by the
     caller), scored without gating and without the edge term (a dead feature's parent is usually
     silent). Only the dead rows of W_enc, b_enc, W_dec receive gradient: b_dec and the level gains
     are held constant, since the dead features are what this loss is for.
 
-    Sparse throughout (`ops/auxk.py`): the dead rows are scored by one fused GEMM + top-k, only the
-    N x k_aux chosen codes are decoded and differentiated, and the weight gradients cover the dead
-    rows only: they are sparse COO tensors, which autograd adds in place into the dense gradients of
-    the main loss. Differentiated alone (no other term reaching W_enc, b_enc is dense), W_enc.grad and
-    W_dec.grad stay sparse; optimizers such as AdamW need dense ones, so add AuxK to the main loss
-    (as `total_loss` does)."""
+    With many dead features (`sparse=None`: more than AUXK_SPARSE_ABOVE * k_aux) it runs on sparse
+    ops (`ops/auxk.py`): the dead rows are scored by one fused GEMM + top-k, only the N x k_aux
+    chosen codes are decoded and differentiated, and the weight gradients cover the dead rows only:
+    they are sparse COO tensors, which autograd adds in place into the dense gradients of the main
+    loss. Differentiated alone (no other term reaching W_enc, b_enc is dense), W_enc.grad and
+    W_dec.grad then stay sparse; optimizers such as AdamW need dense ones, so add AuxK to the main
+    loss (as `total_loss` does). With few dead features, dense products over the dead rows."""
     dead_ids = torch.nonzero(dead).squeeze(1)
     x2 = x.reshape(-1, x.shape[-1])
     if dead_ids.numel() == 0 or x2.shape[0] == 0:
         return x2.new_zeros((), dtype=torch.float32)
     acc = _acc(x.dtype)
     e = (x2 - x_hat.reshape(-1, x2.shape[1])).detach().to(acc)
-    xc = (x2 - layer.b_dec).detach().to(layer.W_enc.dtype)
-    backend = layer.backend_for(x2.device)
     k = min(int(k_aux), dead_ids.numel())
-    scores, local = dead_topk(xc, layer.W_enc, layer.b_enc, dead_ids, k, backend)
     gain = layer.level_gain.detach().to(acc)[level_of(layer.cfg.level_sizes, x.device)[dead_ids]]
-    vals = Fn.softplus(scores.to(acc)) * gain[local]
-    e_hat = dead_decode(local, vals, layer.W_dec, dead_ids, backend).to(acc)
+    if sparse is None:
+        sparse = dead_ids.numel() > AUXK_SPARSE_ABOVE * k
+    if sparse:
+        backend = layer.backend_for(x2.device)
+        xc = (x2 - layer.b_dec).detach().to(layer.W_enc.dtype)  # as the main encode sees it
+        scores, local = dead_topk(xc, layer.W_enc, layer.b_enc, dead_ids, k, backend)
+        vals = Fn.softplus(scores.to(acc)) * gain[local]
+        e_hat = dead_decode(local, vals, layer.W_dec, dead_ids, backend).to(acc)
+    else:
+        rows_enc = layer.W_enc[dead_ids].to(acc)
+        xc_acc = x2.detach().to(acc) - layer.b_dec.detach().to(acc)
+        scores = xc_acc @ rows_enc.T + layer.b_enc[dead_ids].to(acc)  # (N, |dead|)
+        top = scores.topk(k, dim=1)
+        acts = torch.zeros_like(scores).scatter(1, top.indices, Fn.softplus(top.values))
+        e_hat = acts @ (layer.W_dec[dead_ids].to(acc) * gain[:, None])
     e_norm = e.pow(2).sum()
     if global_sum is not None:
         e_norm = global_sum(e_norm)

@@ -176,14 +176,19 @@ def test_auxk_matches_dense_formula_and_trains_only_dead_rows():
 AUXK_CASES = [(37, 0.4, 5), (1, 0.3, 4), (19, 0.05, 50), (23, 0.9, 31)]
 
 
-@pytest.mark.parametrize("backend", usable_backends())
+# The sparse path runs on each backend's kernels; the dense one is plain torch (one backend suffices).
+AUXK_PATHS = [(b, True) for b in usable_backends()] + [("torch", False)]
+
+
+@pytest.mark.parametrize("backend, sparse", AUXK_PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("N, dead_frac, k_aux", AUXK_CASES)
-def test_auxk_every_backend_against_float64(backend, dtype, N, dead_frac, k_aux):
-    """The sparse AuxK (ops/auxk.py) of each backend against the dense float64 formula on the same
-    rounded weights, loss and every weight gradient, with poisoned outputs; beside the main loss
-    its gradients add into the dense ones (autograd accumulates the sparse rows in place)."""
-    seed = case_seed("auxk", backend, str(dtype), N, dead_frac, k_aux)
+def test_auxk_every_backend_against_float64(backend, sparse, dtype, N, dead_frac, k_aux):
+    """AuxK on sparse ops (ops/auxk.py, each backend) and on dense products against the dense
+    float64 formula on the same rounded weights, loss and every weight gradient, with poisoned
+    outputs; beside the main loss its gradients add into the dense ones (autograd accumulates the
+    sparse path's rows in place)."""
+    seed = case_seed("auxk", backend, sparse, str(dtype), N, dead_frac, k_aux)
     cfg = HSAEConfig(d_model=13, level_sizes=(45, 9, 3), k=(5, 3, 2), k_aux=k_aux)
     layer = random_layer(cfg, backend, dtype, seed, prune_frac=0.1)
     x = torch.randn(N, 13, generator=torch.Generator().manual_seed(seed)).to(dtype)
@@ -194,7 +199,7 @@ def test_auxk_every_backend_against_float64(backend, dtype, N, dead_frac, k_aux)
     params = [layer.W_enc, layer.b_enc, layer.W_dec]
     with poisoned_outputs():
         x_hat = layer(x).x_hat.detach()
-        got = auxk_loss(layer, x, x_hat, dead, k_aux)
+        got = auxk_loss(layer, x, x_hat, dead, k_aux, sparse=sparse)
         grads = [_dense(g).double() for g in torch.autograd.grad(got, params)]
     ref = random_layer(cfg, "torch", torch.float64, seed, prune_frac=0.1)
     with torch.no_grad():
@@ -212,7 +217,7 @@ def test_auxk_every_backend_against_float64(backend, dtype, N, dead_frac, k_aux)
     out = layer(x)
     main = mse(x, out.x_hat)  # not fvu: one token has no variance
     main_grads = torch.autograd.grad(main, params, retain_graph=True)
-    (main + auxk_loss(layer, x, out.x_hat, dead, k_aux)).backward()
+    (main + auxk_loss(layer, x, out.x_hat, dead, k_aux, sparse=sparse)).backward()
     for p, g_main, g_aux in zip(params, main_grads, grads):
         assert p.grad.layout == torch.strided
         assert_close("main + auxk", p.grad.double(), g_main.double() + g_aux, TOLERANCE[dtype])
@@ -266,3 +271,22 @@ def test_total_loss_is_the_weighted_sum(consistency):
     torch.testing.assert_close(again, loss, **TOL)
     with pytest.raises(ValueError, match="prefixes"):
         total_loss(layer, x, layer(x), weights, dead)
+
+
+def test_auxk_picks_sparse_ops_only_for_many_dead_features(monkeypatch):
+    """The automatic choice: dense products up to AUXK_SPARSE_ABOVE * k_aux dead features, the sparse
+    ops above (both give the same loss)."""
+    import hsae_fast.losses as losses
+    layer, x = _model(gating="hard")
+    out = layer(x)
+    calls = []
+    real = losses.dead_topk
+    monkeypatch.setattr(losses, "dead_topk", lambda *a: calls.append(a) or real(*a))
+    few = torch.zeros(layer.cfg.dict_size, dtype=torch.bool)
+    few[torch.nonzero(layer.path_mask)[:8, 0]] = True  # 8 dead, k_aux 2: 8 <= 4 * 2
+    many = layer.path_mask.clone()  # about 39 dead, k_aux 2
+    for dead, sparse in ((few, False), (many, True)):
+        calls.clear()
+        got = auxk_loss(layer, x, out.x_hat, dead, 2)
+        assert bool(calls) == sparse
+        torch.testing.assert_close(got, auxk_loss(layer, x, out.x_hat, dead, 2, sparse=not sparse), **TOL)
