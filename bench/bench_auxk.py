@@ -1,7 +1,8 @@
 """AuxK's cost in a training step: the sparse ops (hsae_fast/ops/auxk.py) against the plain-torch
-formula a user would write (and this library used before): `xc @ W_enc[dead].T`, top-k, a dense
-decode `acts @ W_dec[dead]`. `auxk_loss` itself picks the dense products up to
-`AUXK_SPARSE_ABOVE * k_aux` dead features and the sparse ops above; this script forces each.
+formula a user would write (and this library used before, now its path for few dead features):
+`xc @ W_enc[dead].T`, top-k, a dense decode `acts @ W_dec[dead]`. `auxk_loss` itself picks the
+dense products up to `AUXK_SPARSE_ABOVE * k_aux` dead features and the sparse ops above; this
+script forces each.
 
     python -m bench.bench_auxk                                  # F=16960 (the wide LM tree), d=576, N=1024
     python -m bench.bench_auxk --dead 700,2300,6000 --rounds 9
@@ -19,26 +20,18 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as Fn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.timing import RoundRobin, Timed, paired_ratio, summarize  # noqa: E402
-from hsae_fast import HSAEConfig, HSAELayer, available_backends  # noqa: E402
-from hsae_fast.losses import auxk_loss, fvu, level_of  # noqa: E402
+from bench.timing import RoundRobin, Timed, paired_ratio, parse_cpp_script_args, summarize  # noqa: E402
+from hsae_fast import HSAEConfig, HSAELayer  # noqa: E402
+from hsae_fast.losses import auxk_loss, fvu  # noqa: E402
 
 
 def dense_auxk(layer, x, x_hat, dead, k_aux):
-    """AuxK in plain torch: an N x |dead| score matrix, a dense decode, gathers with dense gradients."""
-    dead_ids = torch.nonzero(dead).squeeze(1)
-    e = (x - x_hat).detach()
-    xc = (x - layer.b_dec).detach()
-    scores = xc @ layer.W_enc[dead_ids].T + layer.b_enc[dead_ids]
-    top = scores.topk(min(k_aux, dead_ids.numel()), dim=1)
-    acts = torch.zeros_like(scores).scatter(1, top.indices, Fn.softplus(top.values))
-    gain = layer.level_gain.detach()[level_of(layer.cfg.level_sizes)[dead_ids]]
-    e_hat = acts @ (layer.W_dec[dead_ids] * gain[:, None])
-    return (e - e_hat).pow(2).sum() / e.pow(2).sum()
+    """AuxK in plain torch (the library's dense path): an N x |dead| score matrix, a dense decode,
+    gathers with dense gradients."""
+    return auxk_loss(layer, x, x_hat, dead, k_aux, sparse=False)
 
 
 def sparse_auxk(layer, x, x_hat, dead, k_aux):
@@ -66,15 +59,7 @@ def main() -> None:
     parser.add_argument("--level-sizes", default="16384,512,64")
     parser.add_argument("--k", default="24,12,6")
     parser.add_argument("--dead", default="700,2300,6000", help="dead bottom-level features, comma-separated")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    ok, why = available_backends()["cpp"]
-    if not ok:
-        raise SystemExit(f"the cpp backend is not available: {why}")
+    args, why = parse_cpp_script_args(parser)
     sizes = tuple(int(v) for v in args.level_sizes.split(","))
     cfg = HSAEConfig(d_model=args.d, level_sizes=sizes, k=tuple(int(v) for v in args.k.split(",")))
     k_aux = cfg.resolved_k_aux

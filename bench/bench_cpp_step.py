@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.timing import RoundRobin, Timed, paired_ratio, summarize  # noqa: E402
-from hsae_fast import HSAEConfig, HSAELayer, available_backends  # noqa: E402
+from bench.timing import RoundRobin, Timed, paired_ratio, parse_cpp_script_args, summarize  # noqa: E402
+from hsae_fast import HSAEConfig, HSAELayer  # noqa: E402
 
 BACKENDS = ("cpp", "torch")
 
@@ -65,15 +65,7 @@ def main() -> None:
     parser.add_argument("--d", type=int, default=768)
     parser.add_argument("--f", type=int, default=16384)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    ok, why = available_backends()["cpp"]
-    if not ok:
-        raise SystemExit(f"the cpp backend is not available: {why}")
+    args, why = parse_cpp_script_args(parser)
     dtype = getattr(torch, args.dtype)
     x = torch.randn(args.n, args.d, generator=torch.Generator().manual_seed(0)).to(dtype)
     cases = {

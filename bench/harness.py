@@ -93,15 +93,18 @@ def _timed(label: str, impl, op: str, x: torch.Tensor) -> Timed:
     return Timed(label, lambda _: impl.step(x))
 
 
-def _adamw_floor(F: int, d: int, dtype: torch.dtype, device: torch.device) -> Timed:
+def _adamw_floor(F: int, d: int, dtype: torch.dtype, device: torch.device) -> tuple[Timed, dict]:
     """torch's fused AdamW step (as every candidate's step uses) on W_enc, W_dec, b_enc, b_dec of a
-    flat model of F features, gradients already in place: what a step costs before any SAE work."""
+    flat model of F features, gradients already in place: what a step costs before any SAE work.
+    Returns the timed call and its work: it reads parameters, gradients and both moments and
+    writes parameters and both moments."""
     params = [torch.zeros(shape, dtype=dtype, device=device, requires_grad=True) for shape in ((F, d), (F, d), (F,), (d,))]
     for p in params:
         p.grad = torch.full_like(p, 1e-3)
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, fused=True)
     optimizer.step()  # the moments exist before the timed rounds
-    return Timed(ADAMW_FLOOR, lambda _: optimizer.step())
+    moved = sum(p.numel() for p in params) * 7 * params[0].element_size()
+    return Timed(ADAMW_FLOOR, lambda _: optimizer.step()), {"flops": 0, "bytes": moved}
 
 
 def _baselines(case: Case, labels: dict) -> dict:
@@ -133,11 +136,9 @@ def _candidates(case: Case, state: BenchState, x: torch.Tensor, seed: int) -> tu
         timed.append(Timed(DENSE_ENCODE, dense_encode))
         labels[DENSE_ENCODE] = {"impl": "torch.matmul+topk", "model": "flat", "flat": True, "work": floor_work}
     if case.op == "step" and case.optimizer_floor:
-        timed.append(_adamw_floor(top.dict_size, case.d, case.dtype, state.device))
-        params = 2 * top.dict_size * case.d + top.dict_size + case.d
-        # reads parameters, gradients and both moments, writes parameters and both moments
-        labels[ADAMW_FLOOR] = {"impl": "torch.optim.AdamW", "model": "flat", "flat": True,
-                               "work": {"flops": 0, "bytes": params * 7 * element_size}}
+        adamw, adamw_work = _adamw_floor(top.dict_size, case.d, case.dtype, state.device)
+        timed.append(adamw)
+        labels[ADAMW_FLOOR] = {"impl": "torch.optim.AdamW", "model": "flat", "flat": True, "work": adamw_work}
     skipped = {}
     for spec in case.models:
         for name, reason in implementation_plan(spec, state.device, case.reference, case.peers):

@@ -75,6 +75,23 @@ class RoundRobin:
         self.rounds_run += 1
 
 
+def parse_cpp_script_args(parser) -> tuple:
+    """The round-robin scripts' shared options (--rounds, --warmup, --threads) parsed, the thread count
+    applied and the C++ backend required: returns (args, the backend's availability message)."""
+    from hsae_fast import available_backends
+
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ok, why = available_backends()["cpp"]
+    if not ok:
+        raise SystemExit(f"the cpp backend is not available: {why}")
+    return args, why
+
+
 def summarize(samples: list[float]) -> dict:
     """Median and spread of one candidate's per-round times, in milliseconds."""
     ms = sorted(s * 1e3 for s in samples)

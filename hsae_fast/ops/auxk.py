@@ -58,7 +58,7 @@ def _(xc, W_enc, b_enc, dead_ids, k, backend):
 
 
 def _dead_topk_backward_impl(g_scores, local, xc, W_enc, dead_ids, need_xc, backend):
-    """Gradients of xc (N, d) (empty if not needed), of the dead rows of W_enc (n, d) and of
+    """Gradients of xc (N, d) (None if not needed), of the dead rows of W_enc (n, d) and of
     b_enc (n,), in the accumulation dtype."""
     N, k = local.shape
     n = dead_ids.numel()
@@ -66,7 +66,7 @@ def _dead_topk_backward_impl(g_scores, local, xc, W_enc, dead_ids, need_xc, back
         g_scores.contiguous(), local.contiguous(), torch.full((N, k), -1, dtype=torch.int64, device=local.device),
         xc, W_enc.index_select(0, dead_ids), W_enc.new_zeros(n), None, need_xc, True, False, False,
     )
-    return (g_xc if g_xc is not None else xc.new_empty(0)), g_rows, g_b
+    return g_xc, g_rows, g_b
 
 
 def _dead_topk_setup(ctx, inputs, output):
