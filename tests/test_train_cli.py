@@ -1,5 +1,6 @@
 """`hsae train` (SPEC 9): flags, config files, the run directory, errors before any work."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,10 +102,15 @@ def test_flat_baseline_trains_beside_and_prints_the_table(tmp_path, capsys):
     assert flat_metrics["tree_recovery"] is None  # a flat SAE has no tree
 
 
-@pytest.mark.parametrize("name", ["synthetic.yaml", "lm_smollm2.yaml"])
-def test_shipped_configs_are_valid(name):
-    from pathlib import Path
+SHIPPED_CONFIGS = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
+
+def test_every_config_file_is_checked():
+    assert {"synthetic.yaml", "lm_smollm2.yaml", "lm_gemma.yaml"} <= set(SHIPPED_CONFIGS)
+
+
+@pytest.mark.parametrize("name", SHIPPED_CONFIGS)
+def test_shipped_configs_are_valid(name):
     from hsae_fast.train.config import TrainConfig, resolve_model_config, split_fields
 
     model, trainer = split_fields(load_config_file(Path(__file__).resolve().parents[1] / "configs" / name))
