@@ -164,6 +164,28 @@ inline const float* as_floats(const BFloat16* src, float* buffer, int64_t count)
   return buffer;
 }
 
+// A gradient row that no slot touches is all zeros: those are written with non-temporal stores,
+// which skip the read-for-ownership of every cache line and leave the cache to the rows that are
+// accumulated. Most of a routed step's F x d gradients are such rows. A task that streamed ends
+// with streaming_fence(), so the zeros are ordered before anything written after it.
+inline void zero_row_streaming(float* p, int64_t n) {
+#if defined(__x86_64__)
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(p + i) & 15); ++i) p[i] = 0.f;
+  const __m128 zero = _mm_setzero_ps();
+  for (; i + 4 <= n; i += 4) _mm_stream_ps(p + i, zero);
+  for (; i < n; ++i) p[i] = 0.f;
+#else
+  std::fill(p, p + n, 0.f);
+#endif
+}
+
+inline void streaming_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
+}
+
 // ------------------------------------------------------------------------------------ running top-k
 // Candidates scoring above a row's current threshold are appended to a buffer (a vector compress
 // with AVX-512, branch-free elsewhere); when the buffer fills, a selection keeps the k best and
@@ -714,13 +736,16 @@ void encode_backward_impl(const EncodeGrads& a) {
         if (g_edge) sum_edge += g[e] * parent_val(e);
         terms.add(e / K, g[e]);
       }
-      if (g_W) {
+      if (g_W && groups.start[f] == groups.start[f + 1]) {
+        zero_row_streaming(g_W + f * d, d);
+      } else if (g_W) {
         std::fill(g_W + f * d, g_W + (f + 1) * d, 0.f);
         terms.accumulate_into(g_W + f * d, xc, d);
       }
       g_b[f] = sum_g;
       if (g_edge) g_edge[f] = sum_edge;
     }
+    streaming_fence();
   };
   auto per_token = [&](int64_t n0, int64_t n1) {
     RowTerms terms;  // g_xc[n] = sum over n's kept slots of g * W_enc[idx]
@@ -833,8 +858,9 @@ void decode_backward_impl(const DecodeGrads& a) {
     for (int64_t f = f0; f < f1; ++f) {
       const int64_t first = groups.start[f], count = groups.start[f + 1] - first;
       float* out_row = g_W ? g_W + f * d : nullptr;
-      if (out_row) std::fill(out_row, out_row + d, 0.f);
+      if (out_row && count == 0) zero_row_streaming(out_row, d);
       if (count == 0) continue;
+      if (out_row) std::fill(out_row, out_row + d, 0.f);
       if (need_dots) {
         rows.resize(count);
         for (int64_t i = 0; i < count; ++i) rows[i] = g_row_id(groups.entry[first + i]);
@@ -854,6 +880,7 @@ void decode_backward_impl(const DecodeGrads& a) {
       }
       terms.accumulate_into(out_row, g_levels, d);
     }
+    streaming_fence();
   };
   // g_b_dec sums every row of the output's gradient: partial sums over fixed chunks of rows.
   const float* g_out = a.g_out.data_ptr<float>();
