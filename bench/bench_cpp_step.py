@@ -24,20 +24,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.timing import RoundRobin, Timed, paired_ratio, parse_cpp_script_args, summarize  # noqa: E402
+from bench.timing import (RoundRobin, Timed, layer_fwd_bwd, paired_ratio, parse_cpp_script_args,  # noqa: E402
+                          summarize)
 from hsae_fast import HSAEConfig, HSAELayer  # noqa: E402
 
 BACKENDS = ("cpp", "torch")
-
-
-def layer_step(layer: HSAELayer, x: torch.Tensor):
-    def call(_):
-        for p in layer.parameters():
-            p.grad = None
-        out = layer(x)
-        (out.x_hat - x).float().pow(2).sum(-1).mean().backward()
-
-    return call
 
 
 def case_candidates(cfg: HSAEConfig, x: torch.Tensor, dtype: torch.dtype, seed: int) -> list[Timed]:
@@ -55,7 +46,7 @@ def case_candidates(cfg: HSAEConfig, x: torch.Tensor, dtype: torch.dtype, seed: 
         layer = HSAELayer(cfg, backend=backend).to(dtype)
         layer.load_state_dict(base.state_dict())
         layer.train()
-        candidates.append(Timed(f"{backend} step", layer_step(layer, x)))
+        candidates.append(Timed(f"{backend} step", layer_fwd_bwd(layer, x)))
     return candidates
 
 

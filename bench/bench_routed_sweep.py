@@ -7,7 +7,8 @@ Models: flat TopK (k=32) and the wide tree of bench/cases.py (`wide_tree`: F/512
 16 then about 31, k=(20, 8, 4)), both with batch selection, on the C++ backend, float32. Per F and
 model, three candidates run round-robin in one process (bench/timing.py):
 - `encoder GEMM`: the bare `x @ W_enc.T` over all F features (what every flat trainer pays, forward only);
-- `fwd+bwd`: `HSAELayer` forward + backward of the MSE, gradients set to None first;
+- `fwd+bwd`: `HSAELayer` forward + backward of the MSE, gradients set to None first (training mode:
+  batch selection);
 - `step`: the same plus torch's fused AdamW, where its two moments fit in the memory available.
 
 Each model is timed alone: at F = 1M one layer with its gradients holds 12.9 GB, and AdamW's moments
@@ -31,8 +32,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.cases import flat, wide_tree  # noqa: E402
-from bench.timing import (RoundRobin, Timed, free_memory_bytes, machine_description, paired_ratio,  # noqa: E402
-                          parse_cpp_script_args, summarize)
+from bench.timing import (RoundRobin, Timed, free_memory_bytes, layer_fwd_bwd, machine_description,  # noqa: E402
+                          paired_ratio, parse_cpp_script_args, steady_fused_adamw, summarize)
 from hsae_fast import HSAELayer  # noqa: E402
 from hsae_fast.backends.cpp import release_gradient_pool  # noqa: E402
 
@@ -40,18 +41,8 @@ K_TREE = (20, 8, 4)
 F_DEFAULT = ",".join(str(16384 * 2**i) for i in range(7))  # 16384 .. 1048576
 
 
-def fwd_bwd(layer: HSAELayer, x: torch.Tensor):
-    def call(_):
-        for p in layer.parameters():
-            p.grad = None
-        out = layer(x, selection="batch")
-        (out.x_hat - x).pow(2).sum(-1).mean().backward()
-
-    return call
-
-
 def full_step(layer: HSAELayer, x: torch.Tensor, optimizer: torch.optim.Optimizer):
-    backward = fwd_bwd(layer, x)
+    backward = layer_fwd_bwd(layer, x)
 
     def call(_):
         backward(None)
@@ -60,29 +51,16 @@ def full_step(layer: HSAELayer, x: torch.Tensor, optimizer: torch.optim.Optimize
     return call
 
 
-def make_optimizer(layer: HSAELayer) -> torch.optim.Optimizer:
-    """Fused AdamW with its moments allocated by a step at lr 0 (it moves nothing), so every timed
-    step is a steady-state one."""
-    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.0, fused=True)
-    for p in layer.parameters():
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    for group in optimizer.param_groups:
-        group["lr"] = 1e-4
-    for p in layer.parameters():
-        p.grad = None
-    return optimizer
-
-
 def time_model(spec, F: int, x: torch.Tensor, args) -> dict:
     torch.manual_seed(F)
     layer = HSAELayer(spec.config(x.shape[1]), backend="cpp").train()
     param_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
     W_enc = layer.W_enc.detach()
-    candidates = [Timed("encoder GEMM", lambda _: x @ W_enc.T), Timed("fwd+bwd", fwd_bwd(layer, x))]
+    candidates = [Timed("encoder GEMM", lambda _: x @ W_enc.T), Timed("fwd+bwd", layer_fwd_bwd(layer, x))]
     # After the layer, the step needs its gradients and two moments: 3 x the parameters, plus slack.
-    fits = 3.3 * param_bytes < free_memory_bytes(x.device)
-    optimizer = make_optimizer(layer) if fits else None
+    free = free_memory_bytes(x.device)
+    fits = 3.3 * param_bytes < free
+    optimizer = steady_fused_adamw(list(layer.parameters()), 1e-4) if fits else None
     if optimizer is not None:
         candidates.append(Timed("step", full_step(layer, x, optimizer)))
     timer = RoundRobin(candidates, x.device, warmup=args.warmup)
@@ -94,13 +72,10 @@ def time_model(spec, F: int, x: torch.Tensor, args) -> dict:
         "model": spec.label, "F": F, "level_sizes": list(spec.level_sizes), "k": list(spec.k),
         "param_gb": param_bytes / 1e9, "seconds": time.perf_counter() - started,
         "step_skipped": None if fits else f"AdamW's moments ({2 * param_bytes / 1e9:.1f} GB) do not fit beside "
-                                          f"the layer and its gradients in {free_memory_bytes(x.device) / 1e9:.1f} GB",
+                                          f"the layer and its gradients in {free / 1e9:.1f} GB",
         "candidates": {name: summarize(s) for name, s in samples.items()},
         "x_gemm": {name: paired_ratio(s, samples["encoder GEMM"]) for name, s in samples.items()},
     }
-    del timer, candidates, optimizer, layer, W_enc
-    gc.collect()  # the timer's closures hold the layer and its gradients until collected
-    release_gradient_pool()
     return result
 
 
@@ -174,6 +149,10 @@ def main() -> None:
         for spec in (flat(F, 32, "batch"), wide_tree(F, K_TREE)):
             r = time_model(spec, F, x, args)
             results.append(r)
+            # The layer, its gradients and moments go with time_model's frame; the pool's cached
+            # gradient buffers of this size would otherwise stay held through the next, larger F.
+            gc.collect()
+            release_gradient_pool()
             c = r["candidates"]
             print(f"F={F} {spec.label}: " + ", ".join(f"{name} {s['median_ms']:.0f} ms" for name, s in c.items()),
                   flush=True)

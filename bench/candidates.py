@@ -25,6 +25,7 @@ from helpers import (  # tests/helpers.py: the one comparison helper (bench/conf
 )
 
 from .cases import ModelSpec
+from .timing import steady_fused_adamw
 
 LEARNING_RATE = 1e-4
 # Rows of the case's input the float64 check runs on: it scores every feature in float64 with autograd,
@@ -64,16 +65,7 @@ class Implementation:
         # fused: torch's one-pass AdamW kernel, on CPU and CUDA alike, for every candidate. Torch's
         # default for CPU tensors is a per-tensor loop of separate ops that took 2.0 s of a 2.5 s
         # step at F=65536 here: it would measure the optimizer, not the SAEs.
-        self.optimizer = torch.optim.AdamW(trained, lr=LEARNING_RATE, fused=True)
-        # Allocate the moments now with a step at lr 0 (it moves nothing): the first timed or
-        # measured step is then a steady-state step, not one that also creates the optimizer state.
-        for p in trained:
-            p.grad = torch.zeros_like(p)
-        for group in self.optimizer.param_groups:
-            group["lr"] = 0.0
-        self.optimizer.step()
-        for group in self.optimizer.param_groups:
-            group["lr"] = LEARNING_RATE
+        self.optimizer = steady_fused_adamw(trained, LEARNING_RATE)
         self.zero_grad()
 
     def zero_grad(self) -> None:

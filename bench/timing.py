@@ -92,6 +92,32 @@ def parse_cpp_script_args(parser) -> tuple:
     return args, why
 
 
+def layer_fwd_bwd(layer, x: torch.Tensor) -> Callable[[Any], None]:
+    """A timed call: gradients set to None, `layer(x)` (its own default selection), backward of the MSE."""
+    def call(_):
+        for p in layer.parameters():
+            p.grad = None
+        out = layer(x)
+        (out.x_hat - x).float().pow(2).sum(-1).mean().backward()
+
+    return call
+
+
+def steady_fused_adamw(params: list, lr: float) -> torch.optim.Optimizer:
+    """torch's fused AdamW (CPU and CUDA) with its moments allocated by a step at lr 0, which moves
+    nothing: the first timed step is then a steady-state one, not one that also creates the state.
+    Leaves every gradient None."""
+    optimizer = torch.optim.AdamW(params, lr=0.0, fused=True)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    for p in params:
+        p.grad = None
+    return optimizer
+
+
 def summarize(samples: list[float]) -> dict:
     """Median and spread of one candidate's per-round times, in milliseconds."""
     ms = sorted(s * 1e3 for s in samples)

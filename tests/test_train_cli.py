@@ -102,7 +102,8 @@ def test_flat_baseline_trains_beside_and_prints_the_table(tmp_path, capsys):
     assert flat_metrics["tree_recovery"] is None  # a flat SAE has no tree
 
 
-SHIPPED_CONFIGS = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+SHIPPED_CONFIGS = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
 
 
 def test_every_config_file_is_checked():
@@ -113,7 +114,7 @@ def test_every_config_file_is_checked():
 def test_shipped_configs_are_valid(name):
     from hsae_fast.train.config import TrainConfig, resolve_model_config, split_fields
 
-    model, trainer = split_fields(load_config_file(Path(__file__).resolve().parents[1] / "configs" / name))
+    model, trainer = split_fields(load_config_file(CONFIG_DIR / name))
     tcfg = TrainConfig(**trainer)
     cfg = resolve_model_config(model, 128 if tcfg.synthetic else 576, tcfg)
     assert cfg.num_levels == 3
