@@ -34,11 +34,18 @@ void decode_backward(Tensor g_out, Tensor g_levels, Tensor idx, Tensor vals, Ten
                              g_level_gain, g_b_dec});
 }
 
+void adamw_rows(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq, OptionalTensor keep_rows, double lr,
+                double beta1, double beta2, double eps, double weight_decay, double bias_correction1,
+                double bias_correction2, double grad_scale, bool project_parallel, bool unit_rows) {
+  hsae_cpu::adamw_rows({param, grad, exp_avg, exp_avg_sq, keep_rows, lr, beta1, beta2, eps, weight_decay,
+                        bias_correction1, bias_correction2, grad_scale, project_parallel, unit_rows});
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto release_gil = py::call_guard<py::gil_scoped_release>();
-  m.doc() = "hsae_fast's C++ CPU backend: fused top-k encode, routed encode, sparse decode, sparse backward";
+  m.doc() = "hsae_fast's C++ CPU backend: fused top-k encode, routed encode, sparse decode, sparse backward, row-wise AdamW update";
   m.def("pooled_gradient", &hsae_cpu::pooled_gradient);
   m.def("release_gradient_pool", &hsae_cpu::release_gradient_pool);
   m.def("gradient_pool_bytes", &hsae_cpu::gradient_pool_bytes);
@@ -46,4 +53,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("encode_backward", &encode_backward, release_gil);
   m.def("decode_forward", &decode_forward, release_gil);
   m.def("decode_backward", &decode_backward, release_gil);
+  m.def("grad_sq_norm", &hsae_cpu::grad_sq_norm, release_gil);
+  m.def("adamw_rows", &adamw_rows, release_gil);
 }

@@ -54,6 +54,20 @@ at::Tensor pooled_gradient(const std::vector<int64_t>& sizes);
 void release_gradient_pool();
 int64_t gradient_pool_bytes();
 
+// The trainer's update of one (F, d) float32 weight matrix, row by row (csrc/adamw_rows.cpp):
+// g' = (g - c_f w_f) * grad_scale (c_f = 0 unless project_parallel), torch's fused AdamW step with
+// g', then w_f / |w_f| if unit_rows; rows with keep_rows[f] false are not touched.
+struct AdamWRowsArgs {
+  at::Tensor param, grad, exp_avg, exp_avg_sq;
+  OptionalTensor keep_rows;
+  double lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2, grad_scale;
+  bool project_parallel, unit_rows;
+};
+
+// sum_f |g_f - c_f w_f|^2 (w = project_onto, c_f as above; without it |g|^2), in double over rows.
+double grad_sq_norm(const at::Tensor& grad, const OptionalTensor& project_onto);
+void adamw_rows(const AdamWRowsArgs& args);
+
 void encode_forward(const EncodeArgs& args);
 void encode_backward(const EncodeGrads& grads);
 void decode_forward(const DecodeArgs& args);

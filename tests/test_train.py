@@ -73,6 +73,76 @@ def test_decoder_renorm_removes_the_parallel_gradient():
     assert float(norms[0]) == pytest.approx(3.0)  # pruned rows never change
 
 
+def cpp_built() -> bool:
+    from hsae_fast.backends import cpp
+    return cpp.available()[0]
+
+
+@pytest.mark.skipif(not cpp_built(), reason="the C++ module is not built")
+@pytest.mark.parametrize("sizes,k,d", [((16, 4, 2), (4, 2, 1), 16), ((37, 5, 1), (6, 2, 1), 3), ((1,), (1,), 130)])
+@pytest.mark.parametrize("grad_clip", [0.0, 1e-3, 1e3])
+@pytest.mark.parametrize("unit_decoder", [True, False])
+def test_row_update_matches_the_torch_update(sizes, k, d, grad_clip, unit_decoder):
+    """MaskedAdamW.update's one pass over W_enc and W_dec rows (csrc/adamw_rows.cpp) against the
+    unfused path (projection, clip_grad_norm_, AdamW, renorm) over four steps, with weight decay,
+    a pruned feature from the second step (where there are two), and clipping that binds (1e-3) or not (1e3)."""
+    torch.manual_seed(len(sizes) * 100 + d)
+    layers = [HSAELayer(HSAEConfig(d_model=d, level_sizes=sizes, k=k), backend="torch") for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    opts = [MaskedAdamW(layer, lr=3e-2, weight_decay=0.1, row_update=row) for layer, row in zip(layers, (True, False))]
+    x = torch.randn(29, d) * 3
+    for step in range(4):
+        if step == 1 and sum(sizes) > 1:
+            for layer in layers:
+                layer.prune([0])
+        raw = None
+        for layer, opt in zip(layers, opts):
+            opt.zero_grad()
+            (layer(x).x_hat - x).pow(2).sum().backward()
+            raw = layer.W_dec.grad.clone() if raw is None else raw
+            opt.update(grad_clip, unit_decoder)
+        # the row path took the matrices: their gradients are as backward left them
+        assert torch.equal(layers[0].W_dec.grad, raw)
+        kept = layers[0].path_mask
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            fused, torch_path = getattr(layers[0], name).detach(), getattr(layers[1], name).detach()
+            torch.testing.assert_close(fused, torch_path, rtol=1e-5, atol=1e-6, msg=f"{name} at step {step}")
+        for name in ("W_enc", "W_dec"):
+            p0, p1 = getattr(layers[0], name), getattr(layers[1], name)
+            for key in ("exp_avg", "exp_avg_sq"):
+                fused, torch_path = opts[0].state[p0][key][kept], opts[1].state[p1][key][kept]
+                # float32 rounding relative to the tensor's scale: the projection g - c w cancels
+                torch.testing.assert_close(fused, torch_path, rtol=1e-5, atol=1e-5 * float(torch_path.abs().max()),
+                                           msg=lambda m: f"{name} {key} at step {step}: {m}")
+            assert float(opts[0].state[p0]["step"]) == step + 1
+    if unit_decoder:
+        norms = layers[0].W_dec.detach().norm(dim=1)
+        torch.testing.assert_close(norms[kept], torch.ones(int(kept.sum())))
+
+
+@pytest.mark.skipif(not cpp_built(), reason="the C++ module is not built")
+def test_row_update_rejects_what_it_cannot_take():
+    from hsae_fast.backends import cpp
+    ext = cpp.row_update_module()
+    W = torch.zeros(4, 3)
+    with pytest.raises(RuntimeError, match="grad must be a contiguous float32"):
+        ext.adamw_rows(W, W.double(), W.clone(), W.clone(), None, 1e-3, 0.9, 0.999, 1e-8, 0.0, 0.1, 0.001, 1.0,
+                       False, False)
+    with pytest.raises(RuntimeError, match=r"exp_avg must have shape \(4, 3\)"):
+        ext.adamw_rows(W, W, W[:2].clone(), W.clone(), None, 1e-3, 0.9, 0.999, 1e-8, 0.0, 0.1, 0.001, 1.0,
+                       False, False)
+    with pytest.raises(RuntimeError, match="keep_rows must be a contiguous bool tensor of 4"):
+        ext.adamw_rows(W, W, W.clone(), W.clone(), torch.ones(3, dtype=torch.bool), 1e-3, 0.9, 0.999, 1e-8, 0.0,
+                       0.1, 0.001, 1.0, False, False)
+    # a float64 layer takes the torch path instead
+    layer = HSAELayer(tiny_cfg(), backend="torch").double()
+    opt = MaskedAdamW(layer, lr=1e-2)
+    layer(torch.randn(8, 16, dtype=torch.float64)).x_hat.pow(2).sum().backward()
+    assert opt._row_update_matrices() is None
+    opt.update(1.0, True)
+    torch.testing.assert_close(layer.W_dec.detach().norm(dim=1), torch.ones(22, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("F,rows", [(1029, 512), (1, 512), (7, 3), (512, 512)])
 def test_row_dots_match_the_product_sum_bit_for_bit(F, rows):
     gen = torch.Generator().manual_seed(F)

@@ -34,7 +34,7 @@ _module = None
 _status: Optional[tuple[bool, str]] = None
 # What this file calls in the module: a build without one of them is stale and not used.
 _ENTRY_POINTS = ("encode_forward", "encode_backward", "decode_forward", "decode_backward", "pooled_gradient",
-                 "release_gradient_pool", "gradient_pool_bytes")
+                 "release_gradient_pool", "gradient_pool_bytes", "grad_sq_norm", "adamw_rows")
 
 
 def _load_jit():
@@ -104,6 +104,11 @@ def _grad_buffer(needed: bool, shape) -> Optional[torch.Tensor]:
     if math.prod(shape) * 4 >= _POOL_MIN_BYTES:
         return poison_(_ext().pooled_gradient(list(shape)))
     return new_output(shape, torch.float32, torch.device("cpu"))
+
+
+def row_update_module():
+    """The built module, for the trainer's row-wise update (train/optim.py), or None without one."""
+    return _module if available()[0] else None
 
 
 def release_gradient_pool() -> None:

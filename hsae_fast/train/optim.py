@@ -1,8 +1,14 @@
 """Optimizer pieces that keep SPEC 2 and 3 invariants: AdamW that never moves a pruned feature,
-unit-norm decoder rows with the parallel gradient removed, and the data-driven `b_dec` init."""
+unit-norm decoder rows with the parallel gradient removed, and the data-driven `b_dec` init.
+`MaskedAdamW.update` is the trainer's whole update after backward; on CPU it runs the weight
+matrices' part as one pass over their rows (csrc/adamw_rows.cpp), the functions below otherwise."""
 from __future__ import annotations
 
+import math
+
 import torch
+
+from ..backends import cpp
 
 # Parameters with one row (or entry) per feature: the ones a pruned feature owns.
 FEATURE_PARAMS = ("W_enc", "b_enc", "W_dec", "edge_weight")
@@ -14,8 +20,9 @@ class MaskedAdamW(torch.optim.AdamW):
     matrices only, that restores the rows of pruned features after every step: neither a stale
     moment, weight decay nor anything else can move a pruned feature (SPEC 2)."""
 
-    def __init__(self, layer, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0):
+    def __init__(self, layer, lr: float, betas=(0.9, 0.999), weight_decay: float = 0.0, row_update: bool = True):
         self.layer = layer
+        self.row_update = row_update  # False: `update` always takes the torch path
         named = [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
         groups = [
             {"params": [p for n, p in named if n in DECAYED_PARAMS], "weight_decay": weight_decay},
@@ -37,6 +44,97 @@ class MaskedAdamW(torch.optim.AdamW):
         for p, rows in zip(self._feature_params, kept):
             p[pruned] = rows
         return result
+
+    @torch.no_grad()
+    def update(self, grad_clip: float = 0.0, unit_decoder: bool = False) -> None:
+        """The trainer's whole update after backward: with `unit_decoder`, the decoder gradient's
+        part along each row removed (`remove_parallel_decoder_grad`); with `grad_clip` > 0, every
+        gradient scaled as `torch.nn.utils.clip_grad_norm_` would; this optimizer's step; with
+        `unit_decoder`, unit-norm decoder rows (`renormalize_decoder`).
+
+        On CPU with float32 weights and the C++ module built, W_enc and W_dec take all of that in one
+        pass over their rows (csrc/adamw_rows.cpp) instead of five or six passes over F x d buffers;
+        the result is the same up to float32 rounding, but the gradients are left as backward wrote
+        them (unprojected, unclipped) instead of being changed in place."""
+        matrices = self._row_update_matrices()
+        if matrices is None:
+            if unit_decoder:
+                remove_parallel_decoder_grad(self.layer)
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for g in self.param_groups for p in g["params"]], grad_clip)
+            self.step()
+            if unit_decoder:
+                renormalize_decoder(self.layer)
+            return
+        ext = cpp.row_update_module()
+        W_dec = self.layer.W_dec
+        by_rows = {id(p) for p, _ in matrices}
+        scale = 1.0
+        if grad_clip > 0:
+            sq = 0.0
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    if id(p) in by_rows:
+                        sq += ext.grad_sq_norm(p.grad, p if unit_decoder and p is W_dec else None)
+                    else:
+                        sq += float(torch.linalg.vector_norm(p.grad, dtype=torch.float64)) ** 2
+            # clip_grad_norm_'s factor, clamped to 1 (a NaN norm gives NaN, as there)
+            coef = grad_clip / (math.sqrt(sq) + 1e-6)
+            scale = 1.0 if coef >= 1.0 else coef
+        # The small parameters: scaled, then stepped by torch's fused AdamW with the matrices hidden.
+        hidden = [(p, p.grad) for p, _ in matrices]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and id(p) not in by_rows and grad_clip > 0:
+                    p.grad.mul_(scale)
+        try:
+            for p, _ in hidden:
+                p.grad = None
+            self.step()
+        finally:
+            for p, g in hidden:
+                p.grad = g
+        for p, group in matrices:
+            state = self.state[p]
+            if not state:  # as torch's fused AdamW initializes it, so checkpoints stay interchangeable
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            step = float(state["step"])
+            beta1, beta2 = group["betas"]
+            unit = unit_decoder and p is W_dec
+            ext.adamw_rows(p, p.grad, state["exp_avg"], state["exp_avg_sq"], self.layer.path_mask.contiguous(),
+                           float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
+                           float(group["weight_decay"]), 1.0 - beta1 ** step, 1.0 - beta2 ** step, scale, unit, unit)
+        if unit_decoder and id(W_dec) not in by_rows:
+            renormalize_decoder(self.layer)
+
+    def _row_update_matrices(self):
+        """[(W, its group)] for W_enc and W_dec when `update` can take them row by row (float32,
+        contiguous, CPU, dense gradients, the C++ module built, plain AdamW settings); None when
+        any of them cannot, and then the whole update takes the torch path."""
+        if not self.row_update or cpp.row_update_module() is None:
+            return None
+        out = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not any(p is getattr(self.layer, name) for name in DECAYED_PARAMS) or p.grad is None:
+                    continue
+                g = p.grad
+                state = self.state.get(p, {})
+                plain = not (group["amsgrad"] or group["maximize"] or group.get("differentiable"))
+                ok = (p.device.type == "cpu" and p.dtype == torch.float32 and p.dim() == 2 and p.is_contiguous()
+                      and g.dtype == torch.float32 and g.layout == torch.strided and g.is_contiguous()
+                      and g.shape == p.shape and plain
+                      and all(state[key].is_contiguous() and state[key].dtype == torch.float32
+                              for key in ("exp_avg", "exp_avg_sq") if key in state))
+                if not ok:
+                    return None
+                out.append((p, group))
+        return out or None
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ from ..losses import DeadFeatureTracker, LossWeights, prefix_weight, total_loss
 from ..metrics import ActivityCounter
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .optim import MaskedAdamW, init_b_dec, remove_parallel_decoder_grad, renormalize_decoder
+from .optim import MaskedAdamW, init_b_dec
 from .schedules import (
     AdaptiveSparsity, feasible_k, lambda_cons, level_utilization, lr_factor, progressive_k,
 )
@@ -153,14 +153,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         # Each rank's loss is its share of the global loss; DDP averages gradients, hence the factor.
         (loss * self.dist.world).backward()
-        if tcfg.renorm_decoder:
-            remove_parallel_decoder_grad(layer)
-        if tcfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in layer.parameters() if p.requires_grad], tcfg.grad_clip)
-        self.optimizer.step()
+        # decoder gradient projected, clipped, AdamW, decoder rows renormalized: one pass on CPU
+        self.optimizer.update(tcfg.grad_clip, tcfg.renorm_decoder)
         self.scheduler.step()
-        if tcfg.renorm_decoder:
-            renormalize_decoder(layer)
         self._track(out.levels, batch.shape[0])
         self.step += 1
         parts = dict(parts, loss=loss_value)

@@ -1,0 +1,108 @@
+"""The trainer's parameter update: torch ops against the one-pass row update, alone and in a full step.
+
+    python -m bench.bench_update                         # F=65536, d=768, N=1024: flat and the wide tree
+    python -m bench.bench_update --f 4770 --d 640 --rounds 15
+
+What `Trainer.train_step` does after backward (`MaskedAdamW.update(grad_clip=1, unit_decoder=True)`):
+the decoder gradient's part along each row removed, the gradients clipped to norm 1, fused AdamW,
+unit-norm decoder rows. "torch" runs that as torch ops (five or six passes over F x d buffers);
+"rows" takes W_enc and W_dec in one pass over their rows (csrc/adamw_rows.cpp). Both are exact
+AdamW; tests/test_train.py checks they agree.
+
+Candidates, round-robin in one process (bench/timing.py), each ratio the median of per-round ratios:
+- `update`: the update alone, from the same stored gradients every call (copied in untimed);
+- `step`: a full training step as the trainer takes it, forward + backward of the MSE, then the
+  update, for the flat SAE (k=32) and issue 10's wide tree (bench/cases.py `wide_tree`, k=(20, 8, 4)),
+  both with batch selection on the cpp backend, float32.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.cases import flat, wide_tree  # noqa: E402
+from bench.timing import RoundRobin, Timed, layer_fwd_bwd, paired_ratio, parse_cpp_script_args, summarize  # noqa: E402
+from hsae_fast import HSAELayer  # noqa: E402
+from hsae_fast.train.optim import MaskedAdamW  # noqa: E402
+
+K_TREE = (20, 8, 4)
+
+
+def update_call(opt: MaskedAdamW, grads: list):
+    """Timed: the update; setup: the stored gradients copied back (the torch path scales them in place)."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+
+    def setup():
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.clone()
+
+    return Timed(f"{'rows' if opt.row_update else 'torch'} update", lambda _: opt.update(1.0, True), setup)
+
+
+def step_call(name: str, layer, opt: MaskedAdamW, x: torch.Tensor):
+    fwd_bwd = layer_fwd_bwd(layer, x)
+
+    def call(_):
+        fwd_bwd(None)
+        opt.update(1.0, True)
+
+    return Timed(f"{name} step, {'rows' if opt.row_update else 'torch'} update", call)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=1024)
+    parser.add_argument("--d", type=int, default=768)
+    parser.add_argument("--f", type=int, default=65536)
+    args, why = parse_cpp_script_args(parser)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.n, args.d, generator=gen)
+    models = {"flat": flat(args.f, 32, "batch"), "wide": wide_tree(args.f, K_TREE)}
+    print(f"N={args.n} d={args.d} F={args.f}, float32, cpp, {torch.get_num_threads()} threads, {args.rounds} rounds "
+          f"(+{args.warmup} warmup), load average {os.getloadavg()[0]:.1f}; cpp: {why}")
+
+    # The update alone, on the flat layer's parameters (the update does not depend on the tree).
+    torch.manual_seed(1)
+    layer = HSAELayer(models["flat"].config(args.d), backend="cpp").train()
+    layer_fwd_bwd(layer, x)(None)
+    opts = [MaskedAdamW(layer, lr=1e-4, row_update=row) for row in (False, True)]
+    grads = [None if p.grad is None else p.grad.clone() for g in opts[0].param_groups for p in g["params"]]
+    timer = RoundRobin([update_call(opt, grads) for opt in opts], torch.device("cpu"), warmup=args.warmup)
+    for _ in range(args.warmup + args.rounds):
+        timer()
+    ms = {name: summarize(s)["median_ms"] for name, s in timer.samples.items()}
+    r = paired_ratio(timer.samples["torch update"], timer.samples["rows update"])
+    print(f"\nupdate alone (W_enc, W_dec: {layer.W_enc.numel() * 4 / 2**20:.0f} MiB each): torch {ms['torch update']:.1f} ms, "
+          f"rows {ms['rows update']:.1f} ms, torch / rows {r['median']:.2f} ({r['q25']:.2f}-{r['q75']:.2f})")
+    del timer, opts, grads, layer
+
+    candidates = []
+    for name, spec in models.items():
+        torch.manual_seed(2)
+        layer = HSAELayer(spec.config(args.d), backend="cpp").train()
+        for row in (False, True):
+            candidates.append(step_call(name, layer, MaskedAdamW(layer, lr=1e-4, row_update=row), x))
+    timer = RoundRobin(candidates, torch.device("cpu"), warmup=args.warmup)
+    for _ in range(args.warmup + args.rounds):
+        timer()
+    s = timer.samples
+    print("\n| model | step, torch update ms | step, rows update ms | torch / rows (q25-q75) |")
+    print("|---|---|---|---|")
+    for name in models:
+        a, b = s[f"{name} step, torch update"], s[f"{name} step, rows update"]
+        r = paired_ratio(a, b)
+        print(f"| {name} | {summarize(a)['median_ms']:.1f} | {summarize(b)['median_ms']:.1f} | "
+              f"{r['median']:.2f} ({r['q25']:.2f}-{r['q75']:.2f}) |")
+    for update in ("torch", "rows"):
+        r = paired_ratio(s[f"flat step, {update} update"], s[f"wide step, {update} update"])
+        print(f"flat / wide step with the {update} update: {r['median']:.2f} ({r['q25']:.2f}-{r['q75']:.2f})")
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
