@@ -4,6 +4,7 @@ and how it is built, found and replaced by the torch backend when it cannot be."
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -206,6 +207,19 @@ def test_a_stale_build_is_not_used_and_says_how_to_rebuild():
     assert "older than the sources" in why and "pooled_gradient" in why and "pip install" in why
 
 
+def test_auto_says_when_it_falls_back_to_torch(monkeypatch):
+    """A stale or missing build must not slow a training run 10x in silence: auto warns, once."""
+    import hsae_fast.backends as backends
+
+    monkeypatch.setitem(backends._cache, "cpp", (None, False, "hsae_fast._hsae_cpu is older than the sources"))
+    monkeypatch.setattr(backends, "_warned_fallback", set())
+    with pytest.warns(UserWarning, match="the cpp backend is not available .*older than the sources.*pip install"):
+        assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
 def test_setup_py_declares_the_extension_and_survives_a_failed_build():
     """setup.py builds hsae_fast._hsae_cpu from csrc/ with the same sources and flags as the JIT path,
     and a compiler failure leaves the install going (the backend then reports itself unavailable)."""
@@ -220,7 +234,7 @@ def test_setup_py_declares_the_extension_and_survives_a_failed_build():
     )
     name, *sources, build_cls = out.split()
     assert name == "hsae_fast._hsae_cpu"
-    assert sources == ["csrc/hsae_cpu.cpp", "csrc/bindings.cpp"]
+    assert sources == ["csrc/hsae_cpu.cpp", "csrc/adamw_rows.cpp", "csrc/bindings.cpp"]
     assert build_cls == "OptionalBuildExtension"
 
 

@@ -8,6 +8,7 @@ Plugging in a backend is one module and one line in `_MODULES`.
 from __future__ import annotations
 
 import importlib
+import warnings
 from types import ModuleType
 
 import torch
@@ -25,6 +26,7 @@ _HOW_TO = {
 }
 BACKEND_NAMES = tuple(_MODULES)
 _cache: dict[str, tuple[ModuleType | None, bool, str]] = {}
+_warned_fallback: set[str] = set()
 
 
 def _load(name: str):
@@ -64,7 +66,14 @@ def resolve_backend(name: str, device: torch.device) -> str:
     device = torch.device(device)
     preferred = ("triton",) if device.type == "cuda" else ("cpp",)
     for candidate in preferred:
-        module, ok, _ = _load(candidate)
+        module, ok, reason = _load(candidate)
         if ok and getattr(module, "supports", lambda _d: True)(device):
             return candidate
+        if not ok and candidate not in _warned_fallback:
+            # Once per process: a stale or missing build otherwise costs a training run 10x its time
+            # without a word (the torch backend computes the same function, far slower).
+            _warned_fallback.add(candidate)
+            warnings.warn(f"backend='auto' on {device.type}: the {candidate} backend is not available ({reason}); "
+                          f"using the torch backend, which is several times slower. To get it: {_HOW_TO[candidate]}",
+                          stacklevel=2)
     return "torch"
