@@ -6,24 +6,17 @@
 // 74 ms not counted. Here each row is read once into L1 and every step runs on it there.
 // Contract and reference: hsae_fast/train/optim.py (MaskedAdamW.update and the unfused path).
 #include "hsae_cpu.h"
+#include "vector_loops.h"
 
 #include <ATen/Parallel.h>
 
 #include <cmath>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define HSAE_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define HSAE_VECTOR_CLONES
-#endif
-
 namespace hsae_cpu {
 namespace {
 
 constexpr int64_t kRowsPerTask = 16;
-constexpr int64_t kLanes = 16;
-#define HSAE_INLINE inline __attribute__((always_inline))
 
 void check_rows(const at::Tensor& t, const char* name, int64_t F, int64_t d) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), name,
@@ -32,17 +25,14 @@ void check_rows(const at::Tensor& t, const char* name, int64_t F, int64_t d) {
               t.sizes());
 }
 
-// <a, b> in kLanes partial sums added in a fixed order: vectorizes without reassociation flags,
-// the same bits on every machine width (as hsae_cpu.cpp's dot products).
+// <a, b> in kLanes partial sums (reduce_lanes: the same bits on every machine width).
 HSAE_INLINE float row_dot(const float* a, const float* b, int64_t d) {
   float acc[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= d; i += kLanes)
     for (int64_t l = 0; l < kLanes; ++l) acc[l] += a[i + l] * b[i + l];
   for (int64_t l = 0; i + l < d; ++l) acc[l] += a[i + l] * b[i + l];
-  float s = 0.f;
-  for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
-  return s;
+  return reduce_lanes(acc);
 }
 
 // c = (g . w) / max(|w|^2, 1e-12): the share of g along w that the projection removes.
@@ -64,9 +54,7 @@ HSAE_INLINE float projected_sq_norm(const float* g, const float* w, int64_t d) {
     const float r = g[i + l] - c * w[i + l];
     acc[l] += r * r;
   }
-  float s = 0.f;
-  for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
-  return s;
+  return reduce_lanes(acc);
 }
 
 // out[f] = |g_f - c_f w_f|^2 (w given) or |g_f|^2, for f0 <= f < f1.

@@ -10,6 +10,7 @@
 // same OpenMP runtime and threads as torch's ops). Hot loops are compiled for AVX-512, AVX2 and
 // baseline x86-64 and picked at load time (HSAE_VECTOR_CLONES), so one build runs on any x86-64 CPU.
 #include "hsae_cpu.h"
+#include "vector_loops.h"
 
 #include <ATen/Parallel.h>
 #if defined(__x86_64__)
@@ -29,14 +30,6 @@
 #include <unordered_map>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define HSAE_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define HSAE_VECTOR_CLONES
-#endif
-// Helpers of the cloned loops are inlined into each clone, so they are compiled for its ISA too.
-#define HSAE_INLINE inline __attribute__((always_inline))
-
 namespace hsae_cpu {
 namespace {
 
@@ -44,8 +37,6 @@ using at::BFloat16;
 using at::Tensor;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-// Vector width of the lane-split loops below: 16 floats = one AVX-512 register (two AVX2 ones).
-constexpr int64_t kLanes = 16;
 
 // ------------------------------------------------------------------------------------ vector kernels
 // Weight rows are float or bfloat16; `load` widens one element to float (bfloat16: the top 16 bits).
@@ -55,14 +46,6 @@ HSAE_INLINE float load(const BFloat16* p, int64_t i) {
   float out;
   std::memcpy(&out, &bits, sizeof(out));
   return out;
-}
-
-// Sums in kLanes independent partial sums, then adds those in a fixed order: vectorizes without
-// reassociation flags and gives the same bits on every machine width.
-HSAE_INLINE float reduce_lanes(const float* acc) {
-  float s = 0.f;
-  for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
-  return s;
 }
 
 // out[c] = <x, W[rows[c]]> for c < count (rows: global feature ids). Four rows share each load of x.
