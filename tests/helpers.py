@@ -6,12 +6,16 @@ import os
 import zlib
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from hsae_fast import HSAEConfig, HSAELayer
 from hsae_fast.backends import available_backends
 from hsae_fast.backends.common import poisoned_outputs
 from hsae_fast.reference import reference_forward, select_level
+
+CPP_OK, CPP_WHY = available_backends()["cpp"]
+needs_cpp = pytest.mark.skipif(not CPP_OK, reason=f"cpp backend unavailable: {CPP_WHY}")
 
 PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "edge_weight", "level_gain")
 

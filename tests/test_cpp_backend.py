@@ -10,15 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_close, level_op_inputs, random_layer, tree_op_inputs
-from hsae_fast import HSAEConfig, available_backends
+from helpers import assert_close, level_op_inputs, needs_cpp, random_layer, tree_op_inputs
+from hsae_fast import HSAEConfig
 from hsae_fast.backends import cpp, resolve_backend, torch_sparse
 from hsae_fast.backends.common import poisoned_outputs
 from hsae_fast.ops import encode_tree, sparse_decode
 
 REPO = Path(__file__).resolve().parents[1]
-CPP_OK, CPP_WHY = available_backends()["cpp"]
-needs_cpp = pytest.mark.skipif(not CPP_OK, reason=f"cpp backend unavailable: {CPP_WHY}")
 
 # Larger than the matrix's shapes: many tiles per level, odd d, more rows than one block.
 BIG = dict(d_model=67, level_sizes=(700, 230, 70), k=(24, 8, 4))

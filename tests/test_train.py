@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from helpers import needs_cpp
 from hsae_fast import HSAEConfig, HSAELayer
 from hsae_fast.data.synthetic import SyntheticHierarchy
 from hsae_fast.train.config import TrainConfig, flat_baseline_config
@@ -73,12 +74,7 @@ def test_decoder_renorm_removes_the_parallel_gradient():
     assert float(norms[0]) == pytest.approx(3.0)  # pruned rows never change
 
 
-def cpp_built() -> bool:
-    from hsae_fast.backends import cpp
-    return cpp.available()[0]
-
-
-@pytest.mark.skipif(not cpp_built(), reason="the C++ module is not built")
+@needs_cpp
 @pytest.mark.parametrize("sizes,k,d", [((16, 4, 2), (4, 2, 1), 16), ((37, 5, 1), (6, 2, 1), 3), ((1,), (1,), 130)])
 @pytest.mark.parametrize("grad_clip", [0.0, 1e-3, 1e3])
 @pytest.mark.parametrize("unit_decoder", [True, False])
@@ -120,7 +116,7 @@ def test_row_update_matches_the_torch_update(sizes, k, d, grad_clip, unit_decode
         torch.testing.assert_close(norms[kept], torch.ones(int(kept.sum())))
 
 
-@pytest.mark.skipif(not cpp_built(), reason="the C++ module is not built")
+@needs_cpp
 def test_row_update_rejects_what_it_cannot_take():
     from hsae_fast.backends import cpp
     ext = cpp.row_update_module()

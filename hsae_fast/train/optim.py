@@ -33,6 +33,7 @@ class MaskedAdamW(torch.optim.AdamW):
         # tensor, took 2 s of a 2.5 s step at F=65536 (bench/README.md).
         super().__init__(groups, lr=lr, betas=betas, fused=True)
         self._feature_params = [p for n, p in named if n in FEATURE_PARAMS]
+        self._matrices = {id(p) for n, p in named if n in DECAYED_PARAMS}  # what `update` may take by rows
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -121,7 +122,7 @@ class MaskedAdamW(torch.optim.AdamW):
         out = []
         for group in self.param_groups:
             for p in group["params"]:
-                if not any(p is getattr(self.layer, name) for name in DECAYED_PARAMS) or p.grad is None:
+                if id(p) not in self._matrices or p.grad is None:
                     continue
                 g = p.grad
                 state = self.state.get(p, {})
