@@ -223,6 +223,37 @@ def test_auxk_every_backend_against_float64(backend, sparse, dtype, N, dead_frac
         assert_close("main + auxk", p.grad.double(), g_main.double() + g_aux, TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("backend, sparse", AUXK_PATHS)
+def test_auxk_far_below_zero_gives_no_subnormal_floats(backend, sparse):
+    """Dead features' scores near -95 (as on Gemma's residual stream): softplus there is subnormal,
+    and subnormal operands made the CPU products of AuxK tens of times slower. Scores below
+    AUXK_SCORE_FLOOR count as no activation: the loss still matches the exact formula, and no
+    gradient holds a subnormal float."""
+    cfg = HSAEConfig(d_model=13, level_sizes=(45, 9, 3), k=(5, 3, 2), k_aux=6)
+    layer = random_layer(cfg, backend, torch.float32, case_seed("auxk floor", backend, sparse), prune_frac=0.0)
+    x = torch.randn(29, 13, generator=torch.Generator().manual_seed(3))
+    x_hat = layer(x).x_hat.detach()
+    dead = torch.zeros(cfg.dict_size, dtype=torch.bool)
+    dead[::2] = True
+    with torch.no_grad():  # dead rows' best scores from -95 to -84 (subnormal softplus and gradients), one at -59
+        s = ((x - layer.b_dec) @ layer.W_enc.T).max(0).values
+        layer.b_enc[dead] = -95.0 + 11.0 * torch.rand(int(dead.sum()), generator=torch.Generator().manual_seed(4)) - s[dead]
+        layer.b_enc[0] = -59.0 - s[0]
+    got = auxk_loss(layer, x, x_hat, dead, 6, sparse=sparse)
+    grads = [_dense(g) for g in torch.autograd.grad(got, [layer.W_enc, layer.b_enc, layer.W_dec])]
+    ref = random_layer(cfg, "torch", torch.float64, 0, prune_frac=0.0)
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            getattr(ref, name).copy_(p.double())
+    want = _dense_auxk(ref, x.double(), x_hat.double(), dead, 6)
+    assert_close("auxk far below zero", got.double(), want, TOLERANCE[torch.float32])
+    tiny = torch.finfo(torch.float32).tiny
+    for name, g in zip(("W_enc", "b_enc", "W_dec"), grads):
+        assert not ((g != 0) & (g.abs() < tiny)).any(), f"subnormal floats in the AuxK gradient of {name}"
+    # the feature at -59 keeps its (tiny, normal) gradient: the floor drops only what is below it
+    assert grads[1][0] != 0
+
+
 def test_auxk_ops_name_bad_input():
     xc, W, b = torch.randn(3, 4), torch.randn(6, 4), torch.zeros(6)
     with pytest.raises(ValueError, match="sorted, unique"):
