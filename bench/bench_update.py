@@ -10,6 +10,10 @@ unit-norm decoder rows. "torch" runs that as torch ops (five or six passes over 
 AdamW; tests/test_train.py checks they agree.
 
 Candidates, round-robin in one process (bench/timing.py), each ratio the median of per-round ratios:
+- `floor`: one in-place pass over a parameter and both AdamW moments for W_enc and W_dec (six F x d
+  float32 tensors read and written once): the least memory traffic of any exact AdamW step, since
+  AdamW moves every row every step. flat step / floor bounds what any routed step can gain on the
+  flat one with this optimizer;
 - `update`: the update alone, from the same stored gradients every call (copied in untimed);
 - `step`: a full training step as the trainer takes it, forward + backward of the MSE, then the
   update, for the flat SAE (k=32) and issue 10's wide tree (bench/cases.py `wide_tree`, k=(20, 8, 4)),
@@ -44,6 +48,18 @@ def update_call(opt: MaskedAdamW, grads: list):
     return Timed(f"{'rows' if opt.row_update else 'torch'} update", lambda _: opt.update(1.0, True), setup)
 
 
+def floor_call(F: int, d: int):
+    """Timed: the traffic every exact AdamW step has (parameter and both moments of two F x d matrices,
+    each read and written once)."""
+    tensors = [torch.ones(F, d) for _ in range(6)]
+
+    def call(_):
+        for t in tensors:
+            t.mul_(1.0)
+
+    return Timed("floor", call)
+
+
 def step_call(name: str, layer, opt: MaskedAdamW, x: torch.Tensor):
     fwd_bwd = layer_fwd_bwd(layer, x)
 
@@ -72,13 +88,15 @@ def main() -> None:
     layer_fwd_bwd(layer, x)(None)
     opts = [MaskedAdamW(layer, lr=1e-4, row_update=row) for row in (False, True)]
     grads = [None if p.grad is None else p.grad.clone() for g in opts[0].param_groups for p in g["params"]]
-    timer = RoundRobin([update_call(opt, grads) for opt in opts], torch.device("cpu"), warmup=args.warmup)
+    timer = RoundRobin([update_call(opt, grads) for opt in opts] + [floor_call(args.f, args.d)], torch.device("cpu"),
+                       warmup=args.warmup)
     for _ in range(args.warmup + args.rounds):
         timer()
     ms = {name: summarize(s)["median_ms"] for name, s in timer.samples.items()}
     r = paired_ratio(timer.samples["torch update"], timer.samples["rows update"])
     print(f"\nupdate alone (W_enc, W_dec: {layer.W_enc.numel() * 4 / 2**20:.0f} MiB each): torch {ms['torch update']:.1f} ms, "
-          f"rows {ms['rows update']:.1f} ms, torch / rows {r['median']:.2f} ({r['q25']:.2f}-{r['q75']:.2f})")
+          f"rows {ms['rows update']:.1f} ms, torch / rows {r['median']:.2f} ({r['q25']:.2f}-{r['q75']:.2f}); "
+          f"traffic floor (p, m, v of both read and written once) {ms['floor']:.1f} ms")
     del timer, opts, grads, layer
 
     candidates = []
@@ -87,6 +105,7 @@ def main() -> None:
         layer = HSAELayer(spec.config(args.d), backend="cpp").train()
         for row in (False, True):
             candidates.append(step_call(name, layer, MaskedAdamW(layer, lr=1e-4, row_update=row), x))
+    candidates.append(floor_call(args.f, args.d))
     timer = RoundRobin(candidates, torch.device("cpu"), warmup=args.warmup)
     for _ in range(args.warmup + args.rounds):
         timer()
@@ -101,6 +120,9 @@ def main() -> None:
     for update in ("torch", "rows"):
         r = paired_ratio(s[f"flat step, {update} update"], s[f"wide step, {update} update"])
         print(f"flat / wide step with the {update} update: {r['median']:.2f} ({r['q25']:.2f}-{r['q75']:.2f})")
+    r = paired_ratio(s["flat step, rows update"], s["floor"])
+    print(f"traffic floor {summarize(s['floor'])['median_ms']:.1f} ms; flat step (rows update) / floor: {r['median']:.2f} "
+          f"({r['q25']:.2f}-{r['q75']:.2f}), the most any routed step could gain on the flat one with exact AdamW")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
