@@ -130,7 +130,8 @@ def auxk_loss(layer, x: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor, k
     top k_aux softplus(s) among the dead features (`dead`: (F,) bool, pruned ones excluded by the
     caller), scored without gating and without the edge term (a dead feature's parent is usually
     silent). Only the dead rows of W_enc, b_enc, W_dec receive gradient: b_dec and the level gains
-    are held constant, since the dead features are what this loss is for.
+    are held constant, since the dead features are what this loss is for. Scores below
+    AUXK_SCORE_FLOOR count as 0 (softplus there is under 1e-26; see the constant).
 
     With many dead features (`sparse=None`: more than AUXK_SPARSE_ABOVE * k_aux) it runs on sparse
     ops (`ops/auxk.py`): the dead rows are scored by one fused GEMM + top-k, only the N x k_aux
