@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.timing import RoundRobin, Timed, paired_ratio, parse_cpp_script_args, summarize  # noqa: E402
+from bench.timing import Timed, paired_ratio, round_robin_samples, parse_cpp_script_args, summarize  # noqa: E402
 from hsae_fast import HSAEConfig, HSAELayer  # noqa: E402
 from hsae_fast.losses import auxk_loss, fvu  # noqa: E402
 
@@ -77,11 +77,9 @@ def main() -> None:
         candidates = [Timed("none", step(layer, x, None, dead, k_aux)),
                       Timed("torch", step(layer, x, dense_auxk, dead, k_aux)),
                       Timed("sparse", step(layer, x, sparse_auxk, dead, k_aux))]
-        timer = RoundRobin(candidates, torch.device("cpu"), warmup=args.warmup)
-        for _ in range(args.warmup + args.rounds):
-            timer()
-        ms = {name: summarize(s)["median_ms"] for name, s in timer.samples.items()}
-        r = paired_ratio(timer.samples["torch"], timer.samples["sparse"])
+        samples = round_robin_samples(candidates, torch.device("cpu"), args.warmup, args.rounds)
+        ms = {name: summarize(s)["median_ms"] for name, s in samples.items()}
+        r = paired_ratio(samples["torch"], samples["sparse"])
         print(f"| {n_dead} | {ms['none']:.1f} | {ms['torch']:.1f} | {ms['sparse']:.1f} | "
               f"{ms['torch'] - ms['none']:.1f} -> {ms['sparse'] - ms['none']:.1f} | "
               f"{r['median']:.2f} ({r['q25']:.2f}-{r['q75']:.2f}) |")

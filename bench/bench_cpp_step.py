@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.timing import (RoundRobin, Timed, layer_fwd_bwd, paired_ratio, parse_cpp_script_args,  # noqa: E402
+from bench.timing import (Timed, layer_fwd_bwd, paired_ratio, parse_cpp_script_args, round_robin_samples,  # noqa: E402
                           summarize)
 from hsae_fast import HSAEConfig, HSAELayer  # noqa: E402
 
@@ -71,10 +71,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for name, cfg in cases.items():
         candidates = case_candidates(cfg, x, dtype, seed=1)
-        timer = RoundRobin(candidates, torch.device("cpu"), warmup=args.warmup)
-        for _ in range(args.warmup + args.rounds):
-            timer()
-        samples = timer.samples
+        samples = round_robin_samples(candidates, torch.device("cpu"), args.warmup, args.rounds)
         gemm = samples["encoder GEMM"]
         for candidate in candidates:
             own = samples[candidate.name]

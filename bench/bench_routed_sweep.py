@@ -32,8 +32,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.cases import flat, wide_tree  # noqa: E402
-from bench.timing import (RoundRobin, Timed, free_memory_bytes, layer_fwd_bwd, machine_description,  # noqa: E402
-                          paired_ratio, parse_cpp_script_args, steady_fused_adamw, summarize)
+from bench.timing import (Timed, free_memory_bytes, layer_fwd_bwd, machine_description, paired_ratio,  # noqa: E402
+                          parse_cpp_script_args, round_robin_samples, steady_fused_adamw, summarize)
 from hsae_fast import HSAELayer  # noqa: E402
 from hsae_fast.backends.cpp import release_gradient_pool  # noqa: E402
 
@@ -63,11 +63,8 @@ def time_model(spec, F: int, x: torch.Tensor, args) -> dict:
     optimizer = steady_fused_adamw(list(layer.parameters()), 1e-4) if fits else None
     if optimizer is not None:
         candidates.append(Timed("step", full_step(layer, x, optimizer)))
-    timer = RoundRobin(candidates, x.device, warmup=args.warmup)
     started = time.perf_counter()
-    for _ in range(args.warmup + args.rounds):
-        timer()
-    samples = timer.samples
+    samples = round_robin_samples(candidates, x.device, args.warmup, args.rounds)
     result = {
         "model": spec.label, "F": F, "level_sizes": list(spec.level_sizes), "k": list(spec.k),
         "param_gb": param_bytes / 1e9, "seconds": time.perf_counter() - started,

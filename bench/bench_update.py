@@ -30,7 +30,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.cases import flat, wide_tree  # noqa: E402
-from bench.timing import RoundRobin, Timed, layer_fwd_bwd, paired_ratio, parse_cpp_script_args, summarize  # noqa: E402
+from bench.timing import (Timed, layer_fwd_bwd, paired_ratio, parse_cpp_script_args, round_robin_samples,  # noqa: E402
+                          summarize)
 from hsae_fast import HSAELayer  # noqa: E402
 from hsae_fast.train.optim import MaskedAdamW  # noqa: E402
 
@@ -88,16 +89,14 @@ def main() -> None:
     layer_fwd_bwd(layer, x)(None)
     opts = [MaskedAdamW(layer, lr=1e-4, row_update=row) for row in (False, True)]
     grads = [None if p.grad is None else p.grad.clone() for g in opts[0].param_groups for p in g["params"]]
-    timer = RoundRobin([update_call(opt, grads) for opt in opts] + [floor_call(args.f, args.d)], torch.device("cpu"),
-                       warmup=args.warmup)
-    for _ in range(args.warmup + args.rounds):
-        timer()
-    ms = {name: summarize(s)["median_ms"] for name, s in timer.samples.items()}
-    r = paired_ratio(timer.samples["torch update"], timer.samples["rows update"])
+    samples = round_robin_samples([update_call(opt, grads) for opt in opts] + [floor_call(args.f, args.d)],
+                                  torch.device("cpu"), args.warmup, args.rounds)
+    ms = {name: summarize(s)["median_ms"] for name, s in samples.items()}
+    r = paired_ratio(samples["torch update"], samples["rows update"])
     print(f"\nupdate alone (W_enc, W_dec: {layer.W_enc.numel() * 4 / 2**20:.0f} MiB each): torch {ms['torch update']:.1f} ms, "
           f"rows {ms['rows update']:.1f} ms, torch / rows {r['median']:.2f} ({r['q25']:.2f}-{r['q75']:.2f}); "
           f"traffic floor (p, m, v of both read and written once) {ms['floor']:.1f} ms")
-    del timer, opts, grads, layer
+    del samples, opts, grads, layer
 
     candidates = []
     for name, spec in models.items():
@@ -106,10 +105,7 @@ def main() -> None:
         for row in (False, True):
             candidates.append(step_call(name, layer, MaskedAdamW(layer, lr=1e-4, row_update=row), x))
     candidates.append(floor_call(args.f, args.d))
-    timer = RoundRobin(candidates, torch.device("cpu"), warmup=args.warmup)
-    for _ in range(args.warmup + args.rounds):
-        timer()
-    s = timer.samples
+    s = round_robin_samples(candidates, torch.device("cpu"), args.warmup, args.rounds)
     print("\n| model | step, torch update ms | step, rows update ms | torch / rows (q25-q75) |")
     print("|---|---|---|---|")
     for name in models:

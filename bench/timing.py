@@ -132,6 +132,15 @@ def summarize(samples: list[float]) -> dict:
     }
 
 
+def round_robin_samples(candidates: list[Timed], device: torch.device, warmup: int, rounds: int) -> dict[str, list[float]]:
+    """What the bench scripts run without pytest-benchmark: `warmup` untimed rounds, then `rounds`
+    timed ones; each candidate's times in seconds, one per timed round."""
+    timer = RoundRobin(candidates, device, warmup=warmup)
+    for _ in range(warmup + rounds):
+        timer()
+    return timer.samples
+
+
 def paired_ratio(numerator: list[float], denominator: list[float]) -> dict:
     """Median (and quartiles) over rounds of numerator[r] / denominator[r]: both times of a round saw
     the same machine load, so the ratio cancels it where a ratio of two medians would not."""
