@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 GATINGS = ("hard", "none")
 SELECTIONS = ("batch", "threshold", "token")
 CONSISTENCIES = ("orphan", "kl")
+INPUT_NORMS = ("none", "token")
 
 
 def _config_error(field_name: str, value, rule: str) -> ValueError:
@@ -56,6 +57,9 @@ class HSAEConfig:
     consistency: str = "orphan"
     # Bad-input checks: a NaN/Inf scan of the input costs one reduction over (N, d).
     check_finite: bool = True
+    # "token": each token scaled to norm sqrt(d_model) before the SPEC forward and the output scaled
+    # back, so the loss weighs tokens alike (HSAELayer.input_scale says when that matters).
+    input_norm: str = "none"
 
     def __post_init__(self):
         self.validate()
@@ -129,6 +133,8 @@ class HSAEConfig:
             if k[l] < k[l + 1]:
                 raise _config_error("k", k, f"must be non-increasing upward (level {l}: {k[l]} < level {l+1}: {k[l+1]})")
 
+        if self.input_norm not in INPUT_NORMS:
+            raise _config_error("input_norm", self.input_norm, f"must be one of {INPUT_NORMS}")
         if self.gating not in GATINGS:
             raise _config_error("gating", self.gating, f"must be one of {GATINGS}")
         if self.selection not in SELECTIONS:

@@ -18,12 +18,15 @@ class HSAEOutput:
     """x_hat: same shape and dtype as the input. codes: one (indices, values) pair per level, bottom
     first, each (..., kmax_l), global ids, value 0 = inactive. levels: the same codes flattened to
     (N, kmax_l) with their scores, for losses and metrics. prefixes: (L, N, d) coarse-to-fine
-    reconstructions P_m when asked for (P_0 is x_hat)."""
+    reconstructions P_m when asked for (P_0 is x_hat). input_scale: (N, 1), the factor that took each
+    token to the SPEC forward's input under input_norm="token" (x_hat and prefixes are scaled back;
+    codes are the scaled input's), else None."""
 
     x_hat: torch.Tensor
     codes: list
     levels: list
     prefixes: Optional[torch.Tensor] = None
+    input_scale: Optional[torch.Tensor] = None
 
 
 class HSAELayer(nn.Module):
@@ -99,6 +102,23 @@ class HSAELayer(nn.Module):
             )
         return x2
 
+    def input_scale(self, x2: torch.Tensor) -> Optional[torch.Tensor]:
+        """(N, 1) factor taking each row of x2 (N, d) to the SPEC function's input, or None.
+
+        input_norm="token" scales every token to norm sqrt(d_model) before the SPEC forward and
+        scales the reconstruction back (SAELens's "constant_norm_rescale"), so the loss weighs
+        every token alike. On residual streams with massive activations (Gemma's few tokens at
+        10x the median norm carry most of the variance) an unscaled loss spends the dictionary on
+        those tokens. The factor is part of the function: the input's gradient flows through it.
+        A zero row keeps factor 1 (and stays zero); the factor is capped at the dtype's largest
+        finite value, so a tiny float16 row cannot overflow it."""
+        if self.cfg.input_norm == "none":
+            return None
+        acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
+        norms = x2.to(acc).norm(dim=1, keepdim=True)
+        scale = torch.where(norms > 0, self.cfg.d_model ** 0.5 / norms.clamp_min(torch.finfo(acc).tiny), 1.0)
+        return scale.clamp_max(torch.finfo(x2.dtype).max).to(x2.dtype)
+
     # ------------------------------------------------------------------ the API
     def encode_levels(self, x2: torch.Tensor, selection: Optional[str] = None) -> list:
         """(N, d) -> per-level LevelCodes (N, kmax_l), bottom first."""
@@ -109,12 +129,17 @@ class HSAELayer(nn.Module):
         )
 
     def encode(self, x: torch.Tensor, selection: Optional[str] = None) -> list:
-        """Codes of x: one (indices, values) pair per level, bottom first, each (..., kmax_l)."""
+        """Codes of x: one (indices, values) pair per level, bottom first, each (..., kmax_l).
+        Under input_norm="token" the codes are those of the scaled input (as in `forward`)."""
         x2 = self._check_input(x)
+        scale = self.input_scale(x2)
+        if scale is not None:
+            x2 = x2 * scale
         return self._shape_codes(self.encode_levels(x2, selection), x.shape[:-1], x.dtype)
 
     def decode(self, codes: list, prefixes: bool = False) -> torch.Tensor:
-        """x_hat from codes (as `encode` returns them): (..., d)."""
+        """x_hat from codes (as `encode` returns them): (..., d). Under input_norm="token" this is the
+        reconstruction of the scaled input, x * input_scale(x); `forward` scales it back."""
         lead = codes[0][0].shape[:-1]
         levels = [
             functional.LevelCodes(i.reshape(-1, i.shape[-1]), v.reshape(-1, v.shape[-1]).float(), v)
@@ -127,18 +152,24 @@ class HSAELayer(nn.Module):
 
     def forward(self, x: torch.Tensor, selection: Optional[str] = None, return_prefixes: bool = False) -> HSAEOutput:
         x2 = self._check_input(x)
+        scale = self.input_scale(x2)
+        if scale is not None:
+            x2 = x2 * scale
         selection = selection or self.default_selection()
         levels = self.encode_levels(x2, selection)
         if self.training and selection == "batch":
             self._update_thresholds(levels)
         backend = self.backend_for(x2.device)
         out = functional.decode(levels, self.W_dec, self.level_gain, self.b_dec, backend, prefixes=return_prefixes)
+        if scale is not None:
+            out = out / scale
         x_hat = out[0] if return_prefixes else out
         return HSAEOutput(
             x_hat=x_hat.reshape(x.shape),
             codes=self._shape_codes(levels, x.shape[:-1], x.dtype),
             levels=levels,
             prefixes=out if return_prefixes else None,
+            input_scale=scale,
         )
 
     @torch.no_grad()

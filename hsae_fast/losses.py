@@ -242,19 +242,26 @@ def total_loss(layer, x: torch.Tensor, out, weights: LossWeights, dead: Optional
     `out` must carry prefixes when weights.prefix > 0; terms with weight 0 are not computed.
     Under data parallelism pass `global_sum` (a sum over ranks): the ratio terms then divide by the
     global batch's denominators, so the ranks' losses add up to the one-process loss. The
-    consistency term is this rank's share likewise (ranks hold equal token counts)."""
+    consistency term is this rank's share likewise (ranks hold equal token counts).
+    Under input_norm="token" (`out.input_scale` set) every term is taken on the scaled tokens, the
+    input the SPEC forward saw, so each token weighs the same."""
     x2 = x.reshape(-1, x.shape[-1])
+    x_hat, prefixes = out.x_hat.reshape(x2.shape), out.prefixes
+    if getattr(out, "input_scale", None) is not None:
+        s = out.input_scale
+        x2, x_hat = x2 * s, x_hat * s
+        prefixes = prefixes * s if prefixes is not None else None
     denominator = total_variance(x2, global_sum)
-    rec = fvu(x2, out.x_hat.reshape(x2.shape), denominator)
+    rec = fvu(x2, x_hat, denominator)
     loss, parts = rec, {"fvu": rec.detach()}
     if weights.prefix > 0 and layer.cfg.num_levels > 1:
-        if out.prefixes is None:
+        if prefixes is None:
             raise ValueError("total_loss: weights.prefix > 0 needs the forward's prefixes (return_prefixes=True)")
-        pre = prefix_loss(x2, out.prefixes, denominator)
+        pre = prefix_loss(x2, prefixes, denominator)
         loss = loss + weights.prefix * pre
         parts["prefix"] = pre.detach()
     if weights.aux > 0 and dead is not None and bool(dead.any()):
-        aux = auxk_loss(layer, x2, out.x_hat, dead, layer.cfg.resolved_k_aux, global_sum)
+        aux = auxk_loss(layer, x2, x_hat, dead, layer.cfg.resolved_k_aux, global_sum)
         loss = loss + weights.aux * aux
         parts["auxk"] = aux.detach()
     if weights.cons > 0 and layer.cfg.num_levels > 1:

@@ -198,5 +198,8 @@ def init_b_dec(layer, sample: torch.Tensor, how: str) -> None:
         layer.b_dec.zero_()
         return
     sample = sample.reshape(-1, sample.shape[-1])
+    scale = layer.input_scale(sample.to(layer.b_dec.dtype))
+    if scale is not None:
+        sample = sample * scale
     center = geometric_median(sample) if how == "geometric_median" else sample.double().mean(0)
     layer.b_dec.copy_(center.to(layer.b_dec))
