@@ -35,10 +35,11 @@ def test_opcheck_sparse_decode(backend, prefixes):
     torch.library.opcheck(sparse_decode, args)
 
 
-def test_compiled_training_step_has_no_graph_break():
-    cfg = HSAEConfig(d_model=8, level_sizes=(24, 8, 4), k=(4, 2, 1))
+@pytest.mark.parametrize("input_norm", ["none", "token"])
+def test_compiled_training_step_has_no_graph_break(input_norm):
+    cfg = HSAEConfig(d_model=8, level_sizes=(24, 8, 4), k=(4, 2, 1), input_norm=input_norm)
     layer = random_layer(cfg, "torch", torch.float32, seed=5, prune_frac=0.0)
-    x = torch.randn(16, 8)
+    x = torch.randn(16, 8) * torch.logspace(-2, 3, 16)[:, None]
 
     def step(x):
         out = layer(x)
