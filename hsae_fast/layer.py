@@ -119,6 +119,11 @@ class HSAELayer(nn.Module):
         scale = torch.where(norms > 0, self.cfg.d_model ** 0.5 / norms.clamp_min(torch.finfo(acc).tiny), 1.0)
         return scale.clamp_max(torch.finfo(x2.dtype).max).to(x2.dtype)
 
+    def spec_input(self, x2: torch.Tensor) -> tuple:
+        """(x2 as the SPEC forward takes it, the factor that made it or None): see `input_scale`."""
+        scale = self.input_scale(x2)
+        return (x2 if scale is None else x2 * scale), scale
+
     # ------------------------------------------------------------------ the API
     def encode_levels(self, x2: torch.Tensor, selection: Optional[str] = None) -> list:
         """(N, d) -> per-level LevelCodes (N, kmax_l), bottom first."""
@@ -131,10 +136,7 @@ class HSAELayer(nn.Module):
     def encode(self, x: torch.Tensor, selection: Optional[str] = None) -> list:
         """Codes of x: one (indices, values) pair per level, bottom first, each (..., kmax_l).
         Under input_norm="token" the codes are those of the scaled input (as in `forward`)."""
-        x2 = self._check_input(x)
-        scale = self.input_scale(x2)
-        if scale is not None:
-            x2 = x2 * scale
+        x2, _ = self.spec_input(self._check_input(x))
         return self._shape_codes(self.encode_levels(x2, selection), x.shape[:-1], x.dtype)
 
     def decode(self, codes: list, prefixes: bool = False) -> torch.Tensor:
@@ -151,10 +153,7 @@ class HSAELayer(nn.Module):
         return out.reshape(*out.shape[:-2], *lead, out.shape[-1]) if prefixes else out.reshape(*lead, -1)
 
     def forward(self, x: torch.Tensor, selection: Optional[str] = None, return_prefixes: bool = False) -> HSAEOutput:
-        x2 = self._check_input(x)
-        scale = self.input_scale(x2)
-        if scale is not None:
-            x2 = x2 * scale
+        x2, scale = self.spec_input(self._check_input(x))
         selection = selection or self.default_selection()
         levels = self.encode_levels(x2, selection)
         if self.training and selection == "batch":

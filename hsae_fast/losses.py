@@ -247,7 +247,7 @@ def total_loss(layer, x: torch.Tensor, out, weights: LossWeights, dead: Optional
     input the SPEC forward saw, so each token weighs the same."""
     x2 = x.reshape(-1, x.shape[-1])
     x_hat, prefixes = out.x_hat.reshape(x2.shape), out.prefixes
-    if getattr(out, "input_scale", None) is not None:
+    if out.input_scale is not None:
         s = out.input_scale
         x2, x_hat = x2 * s, x_hat * s
         prefixes = prefixes * s if prefixes is not None else None
