@@ -6,8 +6,10 @@
 What `Trainer.train_step` does after backward (`MaskedAdamW.update(grad_clip=1, unit_decoder=True)`):
 the decoder gradient's part along each row removed, the gradients clipped to norm 1, fused AdamW,
 unit-norm decoder rows. "torch" runs that as torch ops (five or six passes over F x d buffers);
-"rows" takes W_enc and W_dec in one pass over their rows (csrc/adamw_rows.cpp). Both are exact
-AdamW; tests/test_train.py checks they agree.
+"rows" takes W_enc and W_dec in one pass over their rows (csrc/adamw_rows.cpp); "row grads" is that
+update fed by row gradients (`HSAELayer.row_grads`, what the trainer uses): backward writes only the
+touched rows of W_enc's and W_dec's gradients, and the update reads only those. All are exact AdamW;
+tests/test_train.py checks they agree.
 
 Candidates, round-robin in one process (bench/timing.py), each ratio the median of per-round ratios:
 - `floor`: one in-place pass over a parameter and both AdamW moments for W_enc and W_dec (six F x d
@@ -61,14 +63,21 @@ def floor_call(F: int, d: int):
     return Timed("floor", call)
 
 
-def step_call(name: str, layer, opt: MaskedAdamW, x: torch.Tensor):
+def update_name(opt: MaskedAdamW, row_grads: bool) -> str:
+    return "row grads" if row_grads else "rows" if opt.row_update else "torch"
+
+
+def step_call(name: str, layer, opt: MaskedAdamW, x: torch.Tensor, row_grads: bool = False):
+    """Timed: the trainer's step; `row_grads`: backward writes W_enc's and W_dec's gradients as their
+    touched rows (`HSAELayer.row_grads`, as the trainer sets it), which the row update takes as they are."""
     fwd_bwd = layer_fwd_bwd(layer, x)
 
     def call(_):
+        layer.row_grads = row_grads
         fwd_bwd(None)
         opt.update(1.0, True)
 
-    return Timed(f"{name} step, {'rows' if opt.row_update else 'torch'} update", call)
+    return Timed(f"{name} step, {update_name(opt, row_grads)} update", call)
 
 
 def main() -> None:
@@ -102,22 +111,27 @@ def main() -> None:
     for name, spec in models.items():
         torch.manual_seed(2)
         layer = HSAELayer(spec.config(args.d), backend="cpp").train()
-        for row in (False, True):
-            candidates.append(step_call(name, layer, MaskedAdamW(layer, lr=1e-4, row_update=row), x))
+        for row, row_grads in ((False, False), (True, False), (True, True)):
+            candidates.append(step_call(name, layer, MaskedAdamW(layer, lr=1e-4, row_update=row), x, row_grads))
     candidates.append(floor_call(args.f, args.d))
     s = round_robin_samples(candidates, torch.device("cpu"), args.warmup, args.rounds)
-    print("\n| model | step, torch update ms | step, rows update ms | torch / rows (q25-q75) |")
-    print("|---|---|---|---|")
+    print("\n| model | step, torch update ms | step, rows update ms | step, row grads + rows update ms "
+          "| torch / rows (q25-q75) | torch / row grads (q25-q75) |")
+    print("|---|---|---|---|---|---|")
     for name in models:
-        a, b = s[f"{name} step, torch update"], s[f"{name} step, rows update"]
-        r = paired_ratio(a, b)
+        a, b, c = (s[f"{name} step, {u} update"] for u in ("torch", "rows", "row grads"))
+        r, r2 = paired_ratio(a, b), paired_ratio(a, c)
         print(f"| {name} | {summarize(a)['median_ms']:.1f} | {summarize(b)['median_ms']:.1f} | "
-              f"{r['median']:.2f} ({r['q25']:.2f}-{r['q75']:.2f}) |")
-    for update in ("torch", "rows"):
+              f"{summarize(c)['median_ms']:.1f} | {r['median']:.2f} ({r['q25']:.2f}-{r['q75']:.2f}) | "
+              f"{r2['median']:.2f} ({r2['q25']:.2f}-{r2['q75']:.2f}) |")
+    for update in ("torch", "rows", "row grads"):
         r = paired_ratio(s[f"flat step, {update} update"], s[f"wide step, {update} update"])
         print(f"flat / wide step with the {update} update: {r['median']:.2f} ({r['q25']:.2f}-{r['q75']:.2f})")
-    r = paired_ratio(s["flat step, rows update"], s["floor"])
-    print(f"traffic floor {summarize(s['floor'])['median_ms']:.1f} ms; flat step (rows update) / floor: {r['median']:.2f} "
+    r = paired_ratio(s["flat step, rows update"], s["wide step, row grads update"])
+    print(f"flat step (rows update, dense gradients) / wide step (row grads): {r['median']:.2f} "
+          f"({r['q25']:.2f}-{r['q75']:.2f})")
+    r = paired_ratio(s["flat step, row grads update"], s["floor"])
+    print(f"traffic floor {summarize(s['floor'])['median_ms']:.1f} ms; flat step (row grads) / floor: {r['median']:.2f} "
           f"({r['q25']:.2f}-{r['q75']:.2f}), the most any routed step could gain on the flat one with exact AdamW")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 

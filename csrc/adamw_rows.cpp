@@ -10,6 +10,8 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <climits>
 #include <cmath>
 #include <vector>
 
@@ -57,10 +59,13 @@ HSAE_INLINE float projected_sq_norm(const float* g, const float* w, int64_t d) {
   return reduce_lanes(acc);
 }
 
-// out[f] = |g_f - c_f w_f|^2 (w given) or |g_f|^2, for f0 <= f < f1.
-HSAE_VECTOR_CLONES void sq_norm_rows(const float* g, const float* w, int64_t d, int64_t f0, int64_t f1, double* out) {
-  for (int64_t f = f0; f < f1; ++f)
-    out[f] = w ? projected_sq_norm(g + f * d, w + f * d, d) : row_dot(g + f * d, g + f * d, d);
+// out[r] = |g_r - c w_f|^2 (w given) or |g_r|^2, for r0 <= r < r1, where f = rows[r] (rows null: f = r).
+HSAE_VECTOR_CLONES void sq_norm_rows(const float* g, const float* w, const int64_t* rows, int64_t d, int64_t r0,
+                                     int64_t r1, double* out) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t f = rows ? rows[r] : r;
+    out[r] = w ? projected_sq_norm(g + r * d, w + f * d, d) : row_dot(g + r * d, g + r * d, d);
+  }
 }
 
 struct AdamWScalars {
@@ -73,52 +78,89 @@ struct AdamWScalars {
 // (by sqrt(bias_correction2), and the renorm's) are products with the reciprocal here: a division
 // costs several multiplies' time, and the pass is bound by them, not by memory (measured: 121 ms
 // with three divisions per element at F=65536, d=768). That changes the last bit, no more.
-HSAE_VECTOR_CLONES void update_rows(float* p, const float* g, float* m, float* v, int64_t d, const bool* keep,
-                                    int64_t f0, int64_t f1, const AdamWScalars& s, bool project, bool unit_rows) {
+//
+// With row gradients (rows given), g holds the touched rows only (row r is feature rows[r]'s) and
+// every other row steps with gradient zero: the same arithmetic on a zero (projected and scaled, a
+// zero gradient stays +0), so the result is the one of the dense gradient with its zero rows.
+HSAE_INLINE void update_row(float* pf, const float* gf, float* mf, float* vf, int64_t d, const AdamWScalars& s,
+                            bool project, bool unit_rows) {
+  const float c = project && gf ? parallel_coef(gf, pf, d) : 0.f;
+  for (int64_t i = 0; i < d; ++i) {
+    const float grad = gf ? (gf[i] - c * pf[i]) * s.grad_scale : 0.f;
+    const float param = pf[i] * s.decay;
+    const float avg = mf[i] + s.one_minus_beta1 * (grad - mf[i]);  // lerp(m, grad, 1 - beta1), weight < 0.5
+    const float avg_sq = vf[i] * s.beta2 + grad * grad * s.one_minus_beta2;
+    const float denom = std::sqrt(avg_sq) * s.inv_bias_correction2_sqrt + s.eps;
+    mf[i] = avg;
+    vf[i] = avg_sq;
+    pf[i] = param - s.step_size * avg / denom;
+  }
+  if (unit_rows) {
+    const float inv_norm = 1.f / std::max(std::sqrt(row_dot(pf, pf, d)), 1e-12f);
+    for (int64_t i = 0; i < d; ++i) pf[i] *= inv_norm;
+  }
+}
+
+HSAE_VECTOR_CLONES void update_rows(float* p, const float* g, const int64_t* rows, int64_t num_rows, float* m,
+                                    float* v, int64_t d, const bool* keep, int64_t f0, int64_t f1,
+                                    const AdamWScalars& s, bool project, bool unit_rows) {
+  // r: the first gradient row at or after f0 (row gradients only)
+  int64_t r = rows ? std::lower_bound(rows, rows + num_rows, f0) - rows : 0;
   for (int64_t f = f0; f < f1; ++f) {
-    if (keep && !keep[f]) continue;  // a pruned feature: its row, moments and all, never moves
-    float* pf = p + f * d;
     const float* gf = g + f * d;
-    float* mf = m + f * d;
-    float* vf = v + f * d;
-    const float c = project ? parallel_coef(gf, pf, d) : 0.f;
-    for (int64_t i = 0; i < d; ++i) {
-      const float grad = (gf[i] - c * pf[i]) * s.grad_scale;
-      const float param = pf[i] * s.decay;
-      const float avg = mf[i] + s.one_minus_beta1 * (grad - mf[i]);  // lerp(m, grad, 1 - beta1), weight < 0.5
-      const float avg_sq = vf[i] * s.beta2 + grad * grad * s.one_minus_beta2;
-      const float denom = std::sqrt(avg_sq) * s.inv_bias_correction2_sqrt + s.eps;
-      mf[i] = avg;
-      vf[i] = avg_sq;
-      pf[i] = param - s.step_size * avg / denom;
+    if (rows) {
+      const bool touched = r < num_rows && rows[r] == f;
+      gf = touched ? g + r * d : nullptr;
+      r += touched;
     }
-    if (unit_rows) {
-      const float inv_norm = 1.f / std::max(std::sqrt(row_dot(pf, pf, d)), 1e-12f);
-      for (int64_t i = 0; i < d; ++i) pf[i] *= inv_norm;
+    if (keep && !keep[f]) continue;  // a pruned feature: its row, moments and all, never moves
+    if (gf) {
+      update_row(p + f * d, gf, m + f * d, v + f * d, d, s, project, unit_rows);
+    } else {
+      update_row(p + f * d, nullptr, m + f * d, v + f * d, d, s, project, unit_rows);
     }
   }
 }
 
+// A row gradient's rows must be strictly increasing ids below F: the update walks them in order.
+void check_gradient_rows(const at::Tensor& rows, int64_t R, int64_t F) {
+  TORCH_CHECK(rows.device().is_cpu() && rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.dim() == 1 &&
+                  rows.size(0) == R,
+              "grad_rows must be a contiguous int64 CPU tensor of ", R, " entries (one per gradient row), got ",
+              rows.scalar_type(), " of shape ", rows.sizes());
+  const int64_t* r = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < R; ++i)
+    TORCH_CHECK(r[i] >= 0 && r[i] < F && (i == 0 || r[i] > r[i - 1]),
+                "grad_rows must be strictly increasing feature ids in [0, ", F, "); entry ", i, " is ", r[i]);
+}
+
 }  // namespace
 
-double grad_sq_norm(const at::Tensor& grad, const OptionalTensor& project_onto) {
-  const int64_t F = grad.size(0), d = grad.dim() == 2 ? grad.size(1) : 0;
-  check_rows(grad, "grad", F, d);
+double grad_sq_norm(const at::Tensor& grad, const OptionalTensor& project_onto, const OptionalTensor& grad_rows) {
+  const int64_t R = grad.size(0), d = grad.dim() == 2 ? grad.size(1) : 0;
+  check_rows(grad, "grad", R, d);
+  const int64_t F = project_onto.has_value() ? project_onto->size(0) : R;
   if (project_onto.has_value()) check_rows(*project_onto, "param", F, d);
+  if (grad_rows.has_value()) check_gradient_rows(*grad_rows, R, project_onto.has_value() ? F : INT64_MAX);
+  TORCH_CHECK(grad_rows.has_value() || R == F, "grad has ", R, " rows and param ", F, ": pass grad_rows");
   const float* g = grad.data_ptr<float>();
   const float* w = project_onto.has_value() ? project_onto->data_ptr<float>() : nullptr;
-  // One float sum per row, then the rows in order in double: the same value with any thread count.
-  std::vector<double> rows(F);
-  at::parallel_for(0, F, kRowsPerTask, [&](int64_t f0, int64_t f1) { sq_norm_rows(g, w, d, f0, f1, rows.data()); });
+  const int64_t* ids = grad_rows.has_value() ? grad_rows->data_ptr<int64_t>() : nullptr;
+  // One float sum per row, then the rows in order in double: the same value with any thread count
+  // (and with row gradients the dense gradient's value: its other rows add exact zeros).
+  std::vector<double> sums(R);
+  at::parallel_for(0, R, kRowsPerTask, [&](int64_t r0, int64_t r1) { sq_norm_rows(g, w, ids, d, r0, r1, sums.data()); });
   double total = 0.0;
-  for (double r : rows) total += r;
+  for (double r : sums) total += r;
   return total;
 }
 
 void adamw_rows(const AdamWRowsArgs& a) {
   const int64_t F = a.param.size(0), d = a.param.dim() == 2 ? a.param.size(1) : 0;
   check_rows(a.param, "param", F, d);
-  check_rows(a.grad, "grad", F, d);
+  const int64_t R = a.grad.size(0);
+  check_rows(a.grad, "grad", a.grad_rows.has_value() ? R : F, d);
+  if (a.grad_rows.has_value()) check_gradient_rows(*a.grad_rows, R, F);
   check_rows(a.exp_avg, "exp_avg", F, d);
   check_rows(a.exp_avg_sq, "exp_avg_sq", F, d);
   const bool* keep = nullptr;
@@ -142,8 +184,9 @@ void adamw_rows(const AdamWRowsArgs& a) {
   const float* g = a.grad.data_ptr<float>();
   float* m = a.exp_avg.data_ptr<float>();
   float* v = a.exp_avg_sq.data_ptr<float>();
+  const int64_t* rows = a.grad_rows.has_value() ? a.grad_rows->data_ptr<int64_t>() : nullptr;
   at::parallel_for(0, F, kRowsPerTask, [&](int64_t f0, int64_t f1) {
-    update_rows(p, g, m, v, d, keep, f0, f1, s, a.project_parallel, a.unit_rows);
+    update_rows(p, g, rows, R, m, v, d, keep, f0, f1, s, a.project_parallel, a.unit_rows);
   });
 }
 

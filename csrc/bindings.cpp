@@ -15,11 +15,13 @@ void encode_forward(Tensor xc, Tensor W_enc, Tensor b_enc, Tensor edge_weight, T
                             child_ids, max_children, kmax, routed, idx, scores, parent_slot});
 }
 
-void encode_backward(Tensor g_scores, Tensor idx, Tensor parent_slot, Tensor xc, Tensor W_enc, Tensor edge_weight,
-                     OptionalTensor parent_vals, OptionalTensor g_xc, OptionalTensor g_W_enc, Tensor g_b_enc,
-                     OptionalTensor g_edge, OptionalTensor g_parent_vals) {
-  hsae_cpu::encode_backward({g_scores, idx, parent_slot, xc, W_enc, edge_weight, parent_vals, g_xc, g_W_enc, g_b_enc,
-                             g_edge, g_parent_vals});
+// compact_W_enc: g_W_enc's first R rows receive a row gradient, whose rows are returned (else None).
+OptionalTensor encode_backward(Tensor g_scores, Tensor idx, Tensor parent_slot, Tensor xc, Tensor W_enc,
+                               Tensor edge_weight, OptionalTensor parent_vals, OptionalTensor g_xc,
+                               OptionalTensor g_W_enc, Tensor g_b_enc, OptionalTensor g_edge,
+                               OptionalTensor g_parent_vals, bool compact_W_enc) {
+  return hsae_cpu::encode_backward({g_scores, idx, parent_slot, xc, W_enc, edge_weight, parent_vals, g_xc, g_W_enc,
+                                    g_b_enc, g_edge, g_parent_vals, compact_W_enc});
 }
 
 void decode_forward(Tensor idx, Tensor vals, Tensor W_dec, Tensor level_gain, Tensor b_dec,
@@ -27,17 +29,19 @@ void decode_forward(Tensor idx, Tensor vals, Tensor W_dec, Tensor level_gain, Te
   hsae_cpu::decode_forward({idx, vals, W_dec, level_gain, b_dec, level_widths, prefixes, out});
 }
 
-void decode_backward(Tensor g_out, Tensor g_levels, Tensor idx, Tensor vals, Tensor W_dec, Tensor level_gain,
-                     std::vector<int64_t> level_widths, bool prefixes, OptionalTensor g_vals, OptionalTensor g_W_dec,
-                     Tensor g_level_gain, Tensor g_b_dec) {
-  hsae_cpu::decode_backward({g_out, g_levels, idx, vals, W_dec, level_gain, level_widths, prefixes, g_vals, g_W_dec,
-                             g_level_gain, g_b_dec});
+OptionalTensor decode_backward(Tensor g_out, Tensor g_levels, Tensor idx, Tensor vals, Tensor W_dec,
+                               Tensor level_gain, std::vector<int64_t> level_widths, bool prefixes,
+                               OptionalTensor g_vals, OptionalTensor g_W_dec, Tensor g_level_gain, Tensor g_b_dec,
+                               bool compact_W_dec) {
+  return hsae_cpu::decode_backward({g_out, g_levels, idx, vals, W_dec, level_gain, level_widths, prefixes, g_vals,
+                                    g_W_dec, g_level_gain, g_b_dec, compact_W_dec});
 }
 
-void adamw_rows(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq, OptionalTensor keep_rows, double lr,
-                double beta1, double beta2, double eps, double weight_decay, double bias_correction1,
-                double bias_correction2, double grad_scale, bool project_parallel, bool unit_rows) {
-  hsae_cpu::adamw_rows({param, grad, exp_avg, exp_avg_sq, keep_rows, lr, beta1, beta2, eps, weight_decay,
+void adamw_rows(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq, OptionalTensor keep_rows,
+                OptionalTensor grad_rows, double lr, double beta1, double beta2, double eps, double weight_decay,
+                double bias_correction1, double bias_correction2, double grad_scale, bool project_parallel,
+                bool unit_rows) {
+  hsae_cpu::adamw_rows({param, grad, exp_avg, exp_avg_sq, keep_rows, grad_rows, lr, beta1, beta2, eps, weight_decay,
                         bias_correction1, bias_correction2, grad_scale, project_parallel, unit_rows});
 }
 
@@ -46,6 +50,8 @@ void adamw_rows(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq, Op
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto release_gil = py::call_guard<py::gil_scoped_release>();
   m.doc() = "hsae_fast's C++ CPU backend: fused top-k encode, routed encode, sparse decode, sparse backward, row-wise AdamW update";
+  // Bumped whenever a binding's signature changes: hsae_fast/backends/cpp.py refuses an older build.
+  m.def("abi_version", []() { return 2; });
   m.def("pooled_gradient", &hsae_cpu::pooled_gradient);
   m.def("release_gradient_pool", &hsae_cpu::release_gradient_pool);
   m.def("gradient_pool_bytes", &hsae_cpu::gradient_pool_bytes);

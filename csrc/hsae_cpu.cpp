@@ -362,6 +362,33 @@ FeatureGroups group_by_feature(const int64_t* idx, int64_t entries, int64_t F, K
   return g;
 }
 
+// Where each feature's gradient row goes: row f of an (F, d) buffer, or with a row gradient (see
+// hsae_cpu.h) the position of f among the features with entries, which are then the only rows.
+struct GradientRows {
+  float* base = nullptr;        // null: no weight gradient asked for
+  std::vector<int64_t> row_of;  // compact only: f -> its row, -1 for a feature without entries
+  c10::optional<Tensor> rows;   // compact only: the returned rows
+  float* row(int64_t f, int64_t d) const { return base + (row_of.empty() ? f : row_of[f]) * d; }
+  bool compact() const { return !row_of.empty(); }
+};
+
+// touched(f): whether feature f gets a gradient row (compact only; f has entries).
+template <typename Touched>
+GradientRows gradient_rows(const FeatureGroups& g, int64_t F, float* base, bool compact, Touched touched) {
+  GradientRows out;
+  out.base = base;
+  if (!base || !compact) return out;
+  out.row_of.assign(F, -1);
+  int64_t R = 0;
+  for (int64_t f = 0; f < F; ++f)
+    if (g.start[f + 1] > g.start[f] && touched(f)) out.row_of[f] = R++;
+  out.rows = at::empty({R}, at::kLong);
+  int64_t* rows = out.rows->data_ptr<int64_t>();
+  for (int64_t f = 0; f < F; ++f)
+    if (out.row_of[f] >= 0) rows[out.row_of[f]] = f;
+  return out;
+}
+
 // Runs body(task) for tasks 0..n-1 in one parallel region, each thread taking the next task as
 // it gets free: on a loaded machine a thread the OS pauses then delays one task, not a fixed share
 // of them (as a static split would). Every task writes its own outputs, so results do not depend
@@ -685,7 +712,7 @@ void encode_routed_impl(const EncodeArgs& a) {
 
 // ------------------------------------------------------------------------------------ encode backward
 template <typename W_t>
-void encode_backward_impl(const EncodeGrads& a) {
+c10::optional<Tensor> encode_backward_impl(const EncodeGrads& a) {
   const int64_t N = a.g_scores.size(0), K = a.g_scores.size(1), d = a.xc.size(1), F = a.W_enc.size(0);
   const float* g = a.g_scores.data_ptr<float>();
   const int64_t* idx = a.idx.data_ptr<int64_t>();
@@ -696,14 +723,16 @@ void encode_backward_impl(const EncodeGrads& a) {
   const float* pvals = ptr_or_null<float>(a.parent_vals);
   const int64_t kp = pvals ? a.parent_vals->size(1) : 0;
   float* g_xc = ptr_or_null<float>(a.g_xc);
-  float* g_W = ptr_or_null<float>(a.g_W_enc);
-  advise_huge_pages(a.g_W_enc);
+  TORCH_CHECK(!a.compact_W_enc || a.g_W_enc.has_value(), "compact_W_enc needs the g_W_enc buffer");
+  if (!a.compact_W_enc) advise_huge_pages(a.g_W_enc);
   float* g_b = a.g_b_enc.data_ptr<float>();
   float* g_edge = ptr_or_null<float>(a.g_edge);
   float* g_parent = ptr_or_null<float>(a.g_parent_vals);
 
   // A slot with zero gradient adds nothing anywhere: only the kept slots are visited.
   const FeatureGroups groups = group_by_feature(idx, N * K, F, [&](int64_t e) { return g[e] != 0.f; });
+  const GradientRows g_W =
+      gradient_rows(groups, F, ptr_or_null<float>(a.g_W_enc), a.compact_W_enc, [](int64_t) { return true; });
   auto parent_val = [&](int64_t e) {
     const int64_t s = slot[e];
     return s >= 0 ? pvals[(e / K) * kp + s] : 0.f;
@@ -719,11 +748,12 @@ void encode_backward_impl(const EncodeGrads& a) {
         if (g_edge) sum_edge += g[e] * parent_val(e);
         terms.add(e / K, g[e]);
       }
-      if (g_W && groups.start[f] == groups.start[f + 1]) {
-        zero_row_streaming(g_W + f * d, d);
-      } else if (g_W) {
-        std::fill(g_W + f * d, g_W + (f + 1) * d, 0.f);
-        terms.accumulate_into(g_W + f * d, xc, d);
+      if (g_W.base && groups.start[f] == groups.start[f + 1]) {
+        if (!g_W.compact()) zero_row_streaming(g_W.row(f, d), d);
+      } else if (g_W.base) {
+        float* out_row = g_W.row(f, d);
+        std::fill(out_row, out_row + d, 0.f);
+        terms.accumulate_into(out_row, xc, d);
       }
       g_b[f] = sum_g;
       if (g_edge) g_edge[f] = sum_edge;
@@ -748,6 +778,7 @@ void encode_backward_impl(const EncodeGrads& a) {
     }
   };
   for_features_and_rows(groups, F, per_feature, g_xc || g_parent ? N : 0, per_token);
+  return g_W.rows;
 }
 
 // ------------------------------------------------------------------------------------ decode
@@ -808,7 +839,7 @@ void decode_forward_impl(const DecodeArgs& a) {
 }
 
 template <typename W_t>
-void decode_backward_impl(const DecodeGrads& a) {
+c10::optional<Tensor> decode_backward_impl(const DecodeGrads& a) {
   const int64_t N = a.idx.size(0), K = a.idx.size(1), d = a.W_dec.size(1), F = a.W_dec.size(0);
   const int64_t L = static_cast<int64_t>(a.level_widths.size());
   // g_levels[l]: the gradient reaching level l's decode, (L, N, d) with prefixes (a running sum of
@@ -819,8 +850,9 @@ void decode_backward_impl(const DecodeGrads& a) {
   const W_t* W = a.W_dec.data_ptr<W_t>();
   const float* gain = a.level_gain.data_ptr<float>();
   float* g_vals = ptr_or_null<float>(a.g_vals);
-  float* g_W = ptr_or_null<float>(a.g_W_dec);
-  advise_huge_pages(a.g_W_dec);
+  TORCH_CHECK(!a.compact_W_dec || a.g_W_dec.has_value(), "compact_W_dec needs the g_W_dec buffer");
+  const bool need_W = a.g_W_dec.has_value();
+  if (!a.compact_W_dec) advise_huge_pages(a.g_W_dec);
   float* g_gain = a.g_level_gain.data_ptr<float>();
   float* g_b = a.g_b_dec.data_ptr<float>();
   const std::vector<int64_t> level = slot_levels(a.level_widths);
@@ -833,16 +865,25 @@ void decode_backward_impl(const DecodeGrads& a) {
   const bool need_dots = g_vals != nullptr;
   std::vector<float> dots(need_dots ? N * K : 0);
   const FeatureGroups groups =
-      group_by_feature(idx, N * K, F, [&](int64_t e) { return need_dots || (g_W && vals[e] != 0.f); });
+      group_by_feature(idx, N * K, F, [&](int64_t e) { return need_dots || (need_W && vals[e] != 0.f); });
+  // The groups also hold slots of value 0 when dots are needed (empty slots among them, whose id
+  // may name any feature, a pruned one too): a row is only for a feature with a nonzero value.
+  const GradientRows g_W = gradient_rows(groups, F, ptr_or_null<float>(a.g_W_dec), a.compact_W_dec, [&](int64_t f) {
+    for (int64_t i = groups.start[f]; i < groups.start[f + 1]; ++i)
+      if (vals[groups.entry[i]] != 0.f) return true;
+    return false;
+  });
   auto per_feature = [&](int64_t f0, int64_t f1) {
     std::vector<float> w_row(d), row_dots;
     std::vector<int64_t> rows;
     RowTerms terms;
     for (int64_t f = f0; f < f1; ++f) {
       const int64_t first = groups.start[f], count = groups.start[f + 1] - first;
-      float* out_row = g_W ? g_W + f * d : nullptr;
-      if (out_row && count == 0) zero_row_streaming(out_row, d);
-      if (count == 0) continue;
+      if (count == 0) {
+        if (g_W.base && !g_W.compact()) zero_row_streaming(g_W.row(f, d), d);
+        continue;
+      }
+      float* out_row = g_W.base && (!g_W.compact() || g_W.row_of[f] >= 0) ? g_W.row(f, d) : nullptr;
       if (out_row) std::fill(out_row, out_row + d, 0.f);
       if (need_dots) {
         rows.resize(count);
@@ -884,6 +925,7 @@ void decode_backward_impl(const DecodeGrads& a) {
   std::vector<double> gain_sum(L, 0.0);
   for (int64_t e = 0; need_dots && e < N * K; ++e) gain_sum[level[e % K]] += double(vals[e]) * double(dots[e]);
   for (int64_t l = 0; l < L; ++l) g_gain[l] = static_cast<float>(gain_sum[l]);
+  return g_W.rows;
 }
 
 // ------------------------------------------------------------------------------------ gradient pool
@@ -986,8 +1028,9 @@ void encode_forward(const EncodeArgs& args) {
   }
 }
 
-void encode_backward(const EncodeGrads& grads) {
-  grads.W_enc.scalar_type() == at::kBFloat16 ? encode_backward_impl<BFloat16>(grads) : encode_backward_impl<float>(grads);
+c10::optional<Tensor> encode_backward(const EncodeGrads& grads) {
+  return grads.W_enc.scalar_type() == at::kBFloat16 ? encode_backward_impl<BFloat16>(grads)
+                                                    : encode_backward_impl<float>(grads);
 }
 
 void decode_forward(const DecodeArgs& args) {
@@ -995,8 +1038,9 @@ void decode_forward(const DecodeArgs& args) {
   bf16 ? decode_forward_impl<BFloat16, BFloat16>(args) : decode_forward_impl<float, float>(args);
 }
 
-void decode_backward(const DecodeGrads& grads) {
-  grads.W_dec.scalar_type() == at::kBFloat16 ? decode_backward_impl<BFloat16>(grads) : decode_backward_impl<float>(grads);
+c10::optional<Tensor> decode_backward(const DecodeGrads& grads) {
+  return grads.W_dec.scalar_type() == at::kBFloat16 ? decode_backward_impl<BFloat16>(grads)
+                                                    : decode_backward_impl<float>(grads);
 }
 
 }  // namespace hsae_cpu

@@ -30,7 +30,15 @@ struct EncodeGrads {
   OptionalTensor g_xc, g_W_enc;
   at::Tensor g_b_enc;
   OptionalTensor g_edge, g_parent_vals;
+  // W_enc's gradient as its touched rows only (see "Row gradients" below) instead of every row.
+  bool compact_W_enc = false;
 };
+
+// Row gradients: with compact_W_*, the backward writes a weight's gradient as the rows that some
+// slot touches, in a row gradient's form: rows (R,) int64 strictly increasing feature ids (the
+// returned tensor), values (R, d) float32 = the first R rows of the g_W buffer given (row r is the
+// gradient of feature rows[r]; every other row's gradient is zero). A routed step touches a few
+// thousand of F rows: the (F, d) buffer of zeros is neither written nor, by the update, read.
 
 struct DecodeArgs {
   at::Tensor idx, vals, W_dec, level_gain, b_dec;
@@ -47,6 +55,7 @@ struct DecodeGrads {
   bool prefixes;
   OptionalTensor g_vals, g_W_dec;
   at::Tensor g_level_gain, g_b_dec;
+  bool compact_W_dec = false;  // as EncodeGrads::compact_W_enc
 };
 
 // A float32 CPU tensor for a weight gradient, from a pool of freed ones (see hsae_cpu.cpp).
@@ -57,20 +66,24 @@ int64_t gradient_pool_bytes();
 // The trainer's update of one (F, d) float32 weight matrix, row by row (csrc/adamw_rows.cpp):
 // g' = (g - c_f w_f) * grad_scale (c_f = 0 unless project_parallel), torch's fused AdamW step with
 // g', then w_f / |w_f| if unit_rows; rows with keep_rows[f] false are not touched.
+// With grad_rows, grad is a row gradient's values (R, d) and grad_rows its rows; every other row's
+// gradient is zero.
 struct AdamWRowsArgs {
   at::Tensor param, grad, exp_avg, exp_avg_sq;
-  OptionalTensor keep_rows;
+  OptionalTensor keep_rows, grad_rows;
   double lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2, grad_scale;
   bool project_parallel, unit_rows;
 };
 
 // sum_f |g_f - c_f w_f|^2 (w = project_onto, c_f as above; without it |g|^2), in double over rows.
-double grad_sq_norm(const at::Tensor& grad, const OptionalTensor& project_onto);
+// With grad_rows, grad holds only those rows (as in AdamWRowsArgs).
+double grad_sq_norm(const at::Tensor& grad, const OptionalTensor& project_onto, const OptionalTensor& grad_rows);
 void adamw_rows(const AdamWRowsArgs& args);
 
 void encode_forward(const EncodeArgs& args);
-void encode_backward(const EncodeGrads& grads);
+// The backward passes return the rows of a row gradient when asked for one (compact_W_*).
+c10::optional<at::Tensor> encode_backward(const EncodeGrads& grads);
 void decode_forward(const DecodeArgs& args);
-void decode_backward(const DecodeGrads& grads);
+c10::optional<at::Tensor> decode_backward(const DecodeGrads& grads);
 
 }  // namespace hsae_cpu

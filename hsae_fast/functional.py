@@ -30,9 +30,11 @@ def encode(
     cfg: HSAEConfig,
     selection: str,
     backend: str,
+    row_grads: bool = False,
 ) -> list[LevelCodes]:
     """xc = x - b_dec, (N, d). Levels are encoded top first (one op for the whole tree: see
-    ops/encode.py); returns codes bottom first, global ids."""
+    ops/encode.py); returns codes bottom first, global ids. `row_grads`: W_enc's gradient as a
+    sparse COO tensor of its touched rows (`HSAELayer.row_grads`)."""
     L = cfg.num_levels
     kmax = [cfg.kmax(l, selection) for l in range(L)]
     lower = range(L - 1)
@@ -40,15 +42,18 @@ def encode(
         xc, W_enc, b_enc, edge_weight, path_mask, threshold, list(plan.local_parent),
         [plan.children[l].child_ptr for l in lower], [plan.children[l].child_ids for l in lower],
         list(plan.level_sizes), list(cfg.k), kmax, [plan.children[l].max_children for l in lower],
-        selection, cfg.gating == "hard", backend,
+        selection, cfg.gating == "hard", backend, row_grads,
     )
     # the levels' slots sit side by side, bottom first
     levels = zip(*(torch.split(t, kmax, dim=1) for t in (idx, vals, scores)))
     return [LevelCodes(i, v, s) for i, v, s in levels]
 
 
-def decode(codes: list[LevelCodes], W_dec, level_gain, b_dec, backend: str, prefixes: bool = False) -> torch.Tensor:
-    """x_hat (N, d), or with `prefixes` (L, N, d) where [m] = b_dec + sum_{l >= m} gain_l * D_l."""
+def decode(codes: list[LevelCodes], W_dec, level_gain, b_dec, backend: str, prefixes: bool = False,
+           row_grads: bool = False) -> torch.Tensor:
+    """x_hat (N, d), or with `prefixes` (L, N, d) where [m] = b_dec + sum_{l >= m} gain_l * D_l;
+    `row_grads` as in `encode` (W_dec's gradient)."""
     idx = torch.cat([c.idx for c in codes], dim=1)
     vals = torch.cat([c.vals for c in codes], dim=1)
-    return sparse_decode(idx, vals, W_dec, level_gain, b_dec, [c.idx.shape[1] for c in codes], prefixes, backend)
+    return sparse_decode(idx, vals, W_dec, level_gain, b_dec, [c.idx.shape[1] for c in codes], prefixes, backend,
+                         row_grads)

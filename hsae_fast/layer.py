@@ -56,6 +56,12 @@ class HSAELayer(nn.Module):
         self._plan: Optional[tuple] = None
         self._mask_version = 0  # bumped when path_mask changes in place (prune, load): rebuilds the plan
         self._resolved: dict = {}
+        # True: backward leaves W_enc's and W_dec's gradients as sparse COO tensors of the rows the
+        # batch touched (a routed step touches a few thousand of F rows), not dense (F, d) ones.
+        # Only optimizers that take sparse gradients can step with them: the trainer's MaskedAdamW
+        # does (it sets this when its row update can run); torch.optim.AdamW does not. Eager only:
+        # under torch.compile the gradients stay dense.
+        self.row_grads = False
 
     # ------------------------------------------------------------------ helpers
     def tree_plan(self) -> TreePlan:
@@ -69,6 +75,10 @@ class HSAELayer(nn.Module):
         if device not in self._resolved:
             self._resolved[device] = resolve_backend(self.backend, device)
         return self._resolved[device]
+
+    def _row_grads_now(self) -> bool:
+        """Whether this call's weight gradients are row gradients (`row_grads`, never when compiling)."""
+        return self.row_grads and not torch.compiler.is_compiling()
 
     def default_selection(self) -> str:
         """SPEC 1: batch selection trains, threshold selection evaluates (token stays token)."""
@@ -131,6 +141,7 @@ class HSAELayer(nn.Module):
         return functional.encode(
             x2 - self.b_dec, self.W_enc, self.b_enc, self.edge_weight, self.path_mask,
             self.threshold, self.tree_plan(), self.cfg, selection, self.backend_for(x2.device),
+            row_grads=self._row_grads_now(),
         )
 
     def encode(self, x: torch.Tensor, selection: Optional[str] = None) -> list:
@@ -148,7 +159,8 @@ class HSAELayer(nn.Module):
             for i, v in codes
         ]
         out = functional.decode(
-            levels, self.W_dec, self.level_gain, self.b_dec, self.backend_for(self.W_dec.device), prefixes
+            levels, self.W_dec, self.level_gain, self.b_dec, self.backend_for(self.W_dec.device), prefixes,
+            row_grads=self._row_grads_now(),
         )
         return out.reshape(*out.shape[:-2], *lead, out.shape[-1]) if prefixes else out.reshape(*lead, -1)
 
@@ -159,7 +171,8 @@ class HSAELayer(nn.Module):
         if self.training and selection == "batch":
             self._update_thresholds(levels)
         backend = self.backend_for(x2.device)
-        out = functional.decode(levels, self.W_dec, self.level_gain, self.b_dec, backend, prefixes=return_prefixes)
+        out = functional.decode(levels, self.W_dec, self.level_gain, self.b_dec, backend, prefixes=return_prefixes,
+                                row_grads=self._row_grads_now())
         if scale is not None:
             out = out / scale
         x_hat = out[0] if return_prefixes else out

@@ -81,7 +81,7 @@ def tree_op_inputs(layer: HSAELayer, x: torch.Tensor, selection: str = "token") 
             leaf(layer.edge_weight), layer.path_mask, layer.threshold, list(plan.local_parent),
             [plan.children[l].child_ptr for l in lower], [plan.children[l].child_ids for l in lower],
             list(cfg.level_sizes), list(cfg.k), [cfg.kmax(l, selection) for l in range(cfg.num_levels)],
-            [plan.children[l].max_children for l in lower], selection, cfg.gating == "hard", layer.backend)
+            [plan.children[l].max_children for l in lower], selection, cfg.gating == "hard", layer.backend, False)
 
 
 def level_op_inputs(layer: HSAELayer, level: int, above=None, leaf_weights: bool = False) -> tuple:
@@ -122,6 +122,20 @@ def upstream(shape, seed):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
+def dense_gradient(layer: HSAELayer, name: str):
+    """A parameter's gradient as a dense tensor; with `layer.row_grads`, W_enc's and W_dec's must be
+    row gradients (sparse COO over strictly increasing rows, no pruned feature among them)."""
+    g = getattr(layer, name).grad
+    if g is None or name not in ("W_enc", "W_dec") or not layer.row_grads:
+        return g
+    assert g.layout == torch.sparse_coo and g.sparse_dim() == 1 and g.dense_dim() == 1, f"{name}: not a row gradient"
+    rows = g._indices()[0]
+    assert (rows[1:] > rows[:-1]).all(), f"{name}: row gradient rows not strictly increasing"
+    assert layer.path_mask[rows].all(), f"{name}: a pruned feature's row is in the row gradient"
+    assert torch.isfinite(g._values()).all(), f"gradient of {name} is not finite (an unwritten output?)"
+    return g.to_dense()
+
+
 def run_backend(layer: HSAELayer, x: torch.Tensor, selection: str, prefixes: bool, seed: int) -> BackendRun:
     x = x.detach().clone().requires_grad_(True)
     for p in layer.parameters():
@@ -132,7 +146,7 @@ def run_backend(layer: HSAELayer, x: torch.Tensor, selection: str, prefixes: boo
         loss = (target.double() * upstream(target.shape, seed).to(target.device)).sum()
         loss.backward()
     active, dense = densify(layer, out.levels)
-    grads = {name: getattr(layer, name).grad for name in PARAM_NAMES}
+    grads = {name: dense_gradient(layer, name) for name in PARAM_NAMES}
     grads["x"] = x.grad
     for name, g in grads.items():
         assert g is not None, f"no gradient reached {name}"

@@ -138,16 +138,22 @@ def test_opcheck_routed_and_backward_ops():
     xc, W, _b, edge = args[:4]
     torch.library.opcheck(torch.ops.hsae_fast.encode_tree_backward.default, (
         torch.randn_like(vals), idx, vals.detach(), slot, xc.detach(), W.detach(), edge.detach(), args[11],
-        True, True, True, "cpp"))
+        True, True, True, "cpp", False))
+    torch.library.opcheck(torch.ops.hsae_fast.encode_tree_backward.default, (
+        torch.randn_like(vals), idx, vals.detach(), slot, xc.detach(), W.detach(), edge.detach(), args[11],
+        True, True, True, "cpp", True))
     # The two upper levels decoded with prefixes: their slots side by side, bottom first.
     upper = slice(args[11][0], None)
     all_idx, all_vals = idx[:, upper], torch.rand_like(vals[:, upper])
     widths, gain = args[11][1:], layer.level_gain.detach()[1:].clone()
     torch.library.opcheck(sparse_decode, (all_idx, all_vals.requires_grad_(True), layer.W_dec,
-                                          gain.requires_grad_(True), layer.b_dec, widths, True, "cpp"))
+                                          gain.requires_grad_(True), layer.b_dec, widths, True, "cpp", False))
     torch.library.opcheck(torch.ops.hsae_fast.sparse_decode_backward.default, (
         torch.randn(2, 40, BIG["d_model"]), all_idx, all_vals.detach(), layer.W_dec.detach(), gain.detach(),
-        widths, True, True, True, True, "cpp"))
+        widths, True, True, True, True, "cpp", False))
+    torch.library.opcheck(torch.ops.hsae_fast.sparse_decode_backward.default, (
+        torch.randn(2, 40, BIG["d_model"]), all_idx, all_vals.detach(), layer.W_dec.detach(), gain.detach(),
+        widths, True, True, True, True, "cpp", True))
 
 
 @needs_cpp

@@ -11,7 +11,8 @@ from hsae_fast.ops import encode_tree, sparse_decode
 @pytest.mark.parametrize("backend", usable_backends())
 @pytest.mark.parametrize("gating", ["hard", "none"])
 @pytest.mark.parametrize("selection", ["token", "batch"])
-def test_opcheck_encode_tree(backend, gating, selection):
+@pytest.mark.parametrize("row_grads", [False, True])
+def test_opcheck_encode_tree(backend, gating, selection, row_grads):
     cfg = HSAEConfig(d_model=6, level_sizes=(12, 4, 2), k=(3, 2, 1), gating=gating, selection=selection)
     layer = random_layer(cfg, backend, torch.float32, seed=2)  # nonzero edges: the parent-gradient chain runs
     args = tree_op_inputs(layer, torch.randn(5, 6), selection)
@@ -20,7 +21,7 @@ def test_opcheck_encode_tree(backend, gating, selection):
     xc, W, _b, edge = args[:4]
     torch.library.opcheck(torch.ops.hsae_fast.encode_tree_backward.default, (
         torch.randn_like(vals), idx, vals.detach(), slot, xc.detach(), W.detach(), edge.detach(), args[11],
-        True, True, True, backend))
+        True, True, True, backend, row_grads))
 
 
 @pytest.mark.parametrize("backend", usable_backends())
@@ -31,7 +32,7 @@ def test_opcheck_sparse_decode(backend, prefixes):
     gen = torch.Generator().manual_seed(4)
     idx = torch.cat([torch.randint(0, 12, (5, 3), generator=gen), torch.randint(12, 16, (5, 1), generator=gen)], 1)
     vals = torch.rand(5, 4, generator=gen).requires_grad_(True)
-    args = (idx, vals, layer.W_dec, layer.level_gain, layer.b_dec, [3, 1], prefixes, backend)
+    args = (idx, vals, layer.W_dec, layer.level_gain, layer.b_dec, [3, 1], prefixes, backend, False)
     torch.library.opcheck(sparse_decode, args)
 
 

@@ -122,14 +122,25 @@ def test_row_update_rejects_what_it_cannot_take():
     ext = cpp.row_update_module()
     W = torch.zeros(4, 3)
     with pytest.raises(RuntimeError, match="grad must be a contiguous float32"):
-        ext.adamw_rows(W, W.double(), W.clone(), W.clone(), None, 1e-3, 0.9, 0.999, 1e-8, 0.0, 0.1, 0.001, 1.0,
+        ext.adamw_rows(W, W.double(), W.clone(), W.clone(), None, None, 1e-3, 0.9, 0.999, 1e-8, 0.0, 0.1, 0.001, 1.0,
                        False, False)
     with pytest.raises(RuntimeError, match=r"exp_avg must have shape \(4, 3\)"):
-        ext.adamw_rows(W, W, W[:2].clone(), W.clone(), None, 1e-3, 0.9, 0.999, 1e-8, 0.0, 0.1, 0.001, 1.0,
+        ext.adamw_rows(W, W, W[:2].clone(), W.clone(), None, None, 1e-3, 0.9, 0.999, 1e-8, 0.0, 0.1, 0.001, 1.0,
                        False, False)
     with pytest.raises(RuntimeError, match="keep_rows must be a contiguous bool tensor of 4"):
-        ext.adamw_rows(W, W, W.clone(), W.clone(), torch.ones(3, dtype=torch.bool), 1e-3, 0.9, 0.999, 1e-8, 0.0,
-                       0.1, 0.001, 1.0, False, False)
+        ext.adamw_rows(W, W, W.clone(), W.clone(), torch.ones(3, dtype=torch.bool), None, 1e-3, 0.9, 0.999, 1e-8,
+                       0.0, 0.1, 0.001, 1.0, False, False)
+    # a row gradient's rows: one per gradient row, strictly increasing, inside the matrix
+    for rows, why in ((torch.tensor([0, 2, 3]), "of 2 entries"), (torch.tensor([2, 1]), "strictly increasing"),
+                      (torch.tensor([1, 1]), "strictly increasing"), (torch.tensor([0, 4]), r"in \[0, 4\)"),
+                      (torch.tensor([0, 1], dtype=torch.int32), "int64")):
+        with pytest.raises(RuntimeError, match=why):
+            ext.adamw_rows(W, W[:2].clone(), W.clone(), W.clone(), None, rows, 1e-3, 0.9, 0.999, 1e-8, 0.0, 0.1,
+                           0.001, 1.0, False, False)
+        with pytest.raises(RuntimeError, match=why):
+            ext.grad_sq_norm(W[:2].clone(), W, rows)
+    with pytest.raises(RuntimeError, match="pass grad_rows"):
+        ext.grad_sq_norm(W[:2].clone(), W, None)
     # a float64 layer takes the torch path instead
     layer = HSAELayer(tiny_cfg(), backend="torch").double()
     opt = MaskedAdamW(layer, lr=1e-2)

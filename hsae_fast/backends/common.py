@@ -48,6 +48,15 @@ def new_output(shape, dtype, device) -> torch.Tensor:
     return torch.full(shape, torch.iinfo(dtype).max, dtype=dtype, device=device)
 
 
+def to_row_gradient(g_W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dense (F, d) weight gradient as a row gradient (rows, values): rows the strictly increasing
+    ids of its nonzero rows (non-finite counts as nonzero), values (R, d) those rows; every other
+    row of g_W is zero. For backends that write the dense gradient (the cpp backend writes the rows
+    directly, without this pass over F x d)."""
+    rows = g_W.ne(0).any(1).nonzero().flatten()  # ascending
+    return rows, g_W.index_select(0, rows)
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """SPEC 4: accumulate in float32 for 16-bit inputs; float64 stays float64 (gradcheck)."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -26,15 +26,17 @@ from typing import Optional
 import torch
 
 from . import torch_sparse
-from .common import new_output, poison_
+from .common import new_output, poison_, to_row_gradient
 
 NAME = "cpp"
+ROW_GRADIENTS = True  # the backward passes take `row_grads` (see encode_backward)
 _CSRC = Path(__file__).resolve().parents[2] / "csrc"
 _module = None
 _status: Optional[tuple[bool, str]] = None
 # What this file calls in the module: a build without one of them is stale and not used.
 _ENTRY_POINTS = ("encode_forward", "encode_backward", "decode_forward", "decode_backward", "pooled_gradient",
-                 "release_gradient_pool", "gradient_pool_bytes", "grad_sq_norm", "adamw_rows")
+                 "release_gradient_pool", "gradient_pool_bytes", "grad_sq_norm", "adamw_rows", "abi_version")
+_ABI_VERSION = 2  # csrc/bindings.cpp's abi_version(): the argument lists this file passes
 
 
 def _load_jit():
@@ -59,6 +61,8 @@ def available() -> tuple[bool, str]:
         try:
             _module = _load_jit() if jit else importlib.import_module("hsae_fast._hsae_cpu")
             missing = [name for name in _ENTRY_POINTS if not hasattr(_module, name)]
+            if not missing and _module.abi_version() != _ABI_VERSION:
+                missing = [f"abi_version {_ABI_VERSION} (it has {_module.abi_version()})"]
             if missing:  # a build older than these sources (pulled without reinstalling)
                 _module = None
                 _status = (False, f"hsae_fast._hsae_cpu is older than the sources (no {', '.join(missing)}); "
@@ -147,11 +151,15 @@ def encode_forward(xc, W_enc, b_enc, edge_weight, path_mask, parent, parent_idx,
 
 
 def encode_backward(g_scores, idx, parent_slot, xc, W_enc, edge_weight, parent_vals,
-                    need_xc: bool, need_W_enc: bool, need_edge: bool, need_parent_vals: bool):
-    """See `torch_sparse.encode_backward`."""
+                    need_xc: bool, need_W_enc: bool, need_edge: bool, need_parent_vals: bool, row_grads: bool = False):
+    """See `torch_sparse.encode_backward`. With `row_grads`, W_enc's gradient comes as a row gradient
+    (rows, values) (`common.to_row_gradient`), written directly: no (F, d) buffer of zeros."""
     if W_enc.dtype == torch.float64:
-        return torch_sparse.encode_backward(g_scores, idx, parent_slot, xc, W_enc, edge_weight, parent_vals,
-                                            need_xc, need_W_enc, need_edge, need_parent_vals)
+        grads = torch_sparse.encode_backward(g_scores, idx, parent_slot, xc, W_enc, edge_weight, parent_vals,
+                                             need_xc, need_W_enc, need_edge, need_parent_vals)
+        if row_grads and need_W_enc:
+            grads = (grads[0], to_row_gradient(grads[1]), *grads[2:])
+        return grads
     F = W_enc.shape[0]
     has_parent = parent_vals is not None
     g_xc = _grad_buffer(need_xc, xc.shape)
@@ -159,10 +167,12 @@ def encode_backward(g_scores, idx, parent_slot, xc, W_enc, edge_weight, parent_v
     g_b = _grad_buffer(True, (F,))
     g_edge = _grad_buffer(has_parent and need_edge, (F,))
     g_parent = _grad_buffer(has_parent and need_parent_vals, parent_vals.shape if has_parent else None)
-    _ext().encode_backward(
+    rows = _ext().encode_backward(
         _f32(g_scores), idx.contiguous(), parent_slot.contiguous(), _f32(xc), _weights(W_enc), _f32(edge_weight),
-        _f32(parent_vals), g_xc, g_W, g_b, g_edge, g_parent,
+        _f32(parent_vals), g_xc, g_W, g_b, g_edge, g_parent, row_grads and need_W_enc,
     )
+    if rows is not None:
+        g_W = (rows, g_W[: rows.shape[0]])
     return g_xc, g_W, g_b, g_edge, g_parent
 
 
@@ -179,11 +189,14 @@ def decode_forward(idx, vals, W_dec, level_gain, b_dec, level_widths: list[int],
 
 
 def decode_backward(g_out, idx, vals, W_dec, level_gain, level_widths: list[int], prefixes: bool,
-                    need_vals: bool, need_W_dec: bool, need_gain: bool):
-    """See `torch_sparse.decode_backward`."""
+                    need_vals: bool, need_W_dec: bool, need_gain: bool, row_grads: bool = False):
+    """See `torch_sparse.decode_backward`; `row_grads` as in `encode_backward` (W_dec's gradient)."""
     if W_dec.dtype == torch.float64:
-        return torch_sparse.decode_backward(g_out, idx, vals, W_dec, level_gain, level_widths, prefixes,
-                                            need_vals, need_W_dec, need_gain)
+        grads = torch_sparse.decode_backward(g_out, idx, vals, W_dec, level_gain, level_widths, prefixes,
+                                             need_vals, need_W_dec, need_gain)
+        if row_grads and need_W_dec:
+            grads = (grads[0], to_row_gradient(grads[1]), *grads[2:])
+        return grads
     g = _f32(g_out)
     # With prefixes, level l's decode appears in P_0 .. P_l, so its gradient is the sum of theirs.
     g_levels = torch.cumsum(g, 0) if prefixes else g
@@ -191,6 +204,8 @@ def decode_backward(g_out, idx, vals, W_dec, level_gain, level_widths: list[int]
     g_W = _grad_buffer(need_W_dec, W_dec.shape)
     g_gain = _grad_buffer(True, (len(level_widths),))
     g_b = _grad_buffer(True, (W_dec.shape[1],))
-    _ext().decode_backward(g, g_levels, idx.contiguous(), _f32(vals), _weights(W_dec), _f32(level_gain),
-                           list(level_widths), prefixes, g_vals, g_W, g_gain, g_b)
+    rows = _ext().decode_backward(g, g_levels, idx.contiguous(), _f32(vals), _weights(W_dec), _f32(level_gain),
+                                  list(level_widths), prefixes, g_vals, g_W, g_gain, g_b, row_grads and need_W_dec)
+    if rows is not None:
+        g_W = (rows, g_W[: rows.shape[0]])
     return g_vals, g_W, g_gain, g_b

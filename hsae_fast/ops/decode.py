@@ -6,20 +6,22 @@ import torch
 from torch import Tensor
 
 from ..backends import get_backend
-from ..backends.common import accumulation_dtype
+from ..backends.common import accumulation_dtype, to_row_gradient
+from .encode import fake_weight_grad, row_gradient
 
 @torch.library.custom_op("hsae_fast::sparse_decode", mutates_args=())
 def sparse_decode(
     idx: Tensor, vals: Tensor, W_dec: Tensor, level_gain: Tensor, b_dec: Tensor,
-    level_widths: list[int], prefixes: bool, backend: str,
+    level_widths: list[int], prefixes: bool, backend: str, row_grads: bool,
 ) -> Tensor:
     """idx, vals: (N, K), the levels' slots side by side (bottom first, `level_widths` each).
-    Returns x_hat (N, d), or with `prefixes` the stack (L, N, d) of P_m (P_0 = x_hat)."""
+    Returns x_hat (N, d), or with `prefixes` the stack (L, N, d) of P_m (P_0 = x_hat). `row_grads`:
+    W_dec's gradient as a sparse COO tensor of its touched rows (see `encode_tree`)."""
     return get_backend(backend).decode_forward(idx, vals, W_dec, level_gain, b_dec, list(level_widths), prefixes)
 
 
 @sparse_decode.register_fake
-def _(idx, vals, W_dec, level_gain, b_dec, level_widths, prefixes, backend):
+def _(idx, vals, W_dec, level_gain, b_dec, level_widths, prefixes, backend, row_grads):
     N, d = idx.shape[0], W_dec.shape[1]
     return W_dec.new_empty((len(level_widths), N, d) if prefixes else (N, d))
 
@@ -28,45 +30,62 @@ def _(idx, vals, W_dec, level_gain, b_dec, level_widths, prefixes, backend):
 def sparse_decode_backward(
     g_out: Tensor, idx: Tensor, vals: Tensor, W_dec: Tensor, level_gain: Tensor,
     level_widths: list[int], prefixes: bool, need_vals: bool, need_W_dec: bool, need_gain: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of vals (N, K), W_dec (F, d), level_gain (L,), b_dec (d,); empty where not needed."""
-    grads = get_backend(backend).decode_backward(
-        g_out.contiguous(), idx, vals, W_dec, level_gain, list(level_widths), prefixes, need_vals, need_W_dec, need_gain
+    row_grads: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of vals (N, K), W_dec (F, d), level_gain (L,), b_dec (d,), empty where not needed;
+    then W_dec's gradient rows, as in `encode_tree_backward`."""
+    impl = get_backend(backend)
+    rows_natively = row_grads and getattr(impl, "ROW_GRADIENTS", False)
+    extra = {"row_grads": True} if rows_natively else {}
+    g_vals, g_W, g_gain, g_b = impl.decode_backward(
+        g_out.contiguous(), idx, vals, W_dec, level_gain, list(level_widths), prefixes, need_vals, need_W_dec,
+        need_gain, **extra,
     )
-    return tuple(g if g is not None else W_dec.new_empty(0) for g in grads)
+    rows = None
+    if row_grads and need_W_dec:
+        rows, g_W = g_W if rows_natively else to_row_gradient(g_W)
+    acc = accumulation_dtype(W_dec.dtype)
+    return tuple(g if g is not None else W_dec.new_empty(0, dtype=dtype)
+                 for g, dtype in ((g_vals, acc), (g_W, acc), (g_gain, acc), (g_b, acc), (rows, torch.int64)))
 
 
 @sparse_decode_backward.register_fake
-def _(g_out, idx, vals, W_dec, level_gain, level_widths, prefixes, need_vals, need_W_dec, need_gain, backend):
+def _(g_out, idx, vals, W_dec, level_gain, level_widths, prefixes, need_vals, need_W_dec, need_gain, backend,
+      row_grads):
     acc = accumulation_dtype(W_dec.dtype)
     empty = W_dec.new_empty((0,), dtype=acc)
+    g_W, rows = fake_weight_grad(W_dec, need_W_dec, row_grads)
     return (
         W_dec.new_empty(idx.shape, dtype=acc) if need_vals or need_gain else empty,
-        W_dec.new_empty(W_dec.shape, dtype=acc) if need_W_dec else empty,
+        g_W,
         W_dec.new_empty(level_gain.shape, dtype=acc),
         W_dec.new_empty((W_dec.shape[1],), dtype=acc),
+        rows,
     )
 
 
 def _setup_context(ctx, inputs, output):
-    idx, vals, W_dec, level_gain, _b, level_widths, prefixes, backend = inputs
-    ctx.level_widths, ctx.prefixes, ctx.backend = list(level_widths), prefixes, backend
+    idx, vals, W_dec, level_gain, _b, level_widths, prefixes, backend, row_grads = inputs
+    ctx.level_widths, ctx.prefixes, ctx.backend, ctx.row_grads = list(level_widths), prefixes, backend, row_grads
     ctx.save_for_backward(idx, vals, W_dec, level_gain)
 
 
 def _backward(ctx, g_out):
     idx, vals, W_dec, level_gain = ctx.saved_tensors
     need = ctx.needs_input_grad
-    g_vals, g_W, g_gain, g_b = sparse_decode_backward(
-        g_out, idx, vals, W_dec, level_gain, ctx.level_widths, ctx.prefixes, need[1], need[2], need[3], ctx.backend
+    g_vals, g_W, g_gain, g_b, rows = sparse_decode_backward(
+        g_out, idx, vals, W_dec, level_gain, ctx.level_widths, ctx.prefixes, need[1], need[2], need[3], ctx.backend,
+        ctx.row_grads,
     )
+    if need[2]:
+        g_W = row_gradient(rows, g_W, W_dec) if ctx.row_grads else g_W.to(W_dec.dtype)
     return (
         None,
         g_vals.to(vals.dtype) if need[1] else None,
-        g_W.to(W_dec.dtype) if need[2] else None,
+        g_W if need[2] else None,
         g_gain.to(level_gain.dtype) if need[3] else None,
         g_b.to(W_dec.dtype) if need[4] else None,
-        None, None, None,
+        None, None, None, None,
     )
 
 

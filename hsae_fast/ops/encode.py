@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..backends import get_backend
-from ..backends.common import accumulation_dtype, level_stops, new_output
+from ..backends.common import accumulation_dtype, level_stops, new_output, to_row_gradient
 from ..selection import activations, select_candidates
 
 
@@ -35,12 +35,16 @@ def encode_tree(
     selection: str,
     hard_gating: bool,
     backend: str,
+    row_grads: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """xc = x - b_dec (N, d) -> vals (N, K) activations, scores (N, K) pre-selection scores (-inf:
     no candidate), idx (N, K) int64 global ids, parent_slot (N, K) int64: the column of each slot's
     parent in these same outputs (-1: none). K = sum(kmax): the levels' slots side by side, bottom
     first (the float outputs come first, as opcheck's autograd test expects). Levels are encoded top first; level l's inputs from the tree plan: local_parent[l],
-    child_ptr[l], child_ids[l], max_children[l] (the last three for the L - 1 lower levels)."""
+    child_ptr[l], child_ids[l], max_children[l] (the last three for the L - 1 lower levels).
+    `row_grads`: W_enc's gradient leaves the backward as a sparse COO tensor of the rows the slots
+    touch (`row_gradient`), not a dense (F, d) one; only `MaskedAdamW.update` and optimizers that
+    take sparse gradients can step with it (`HSAELayer.row_grads`)."""
     impl = get_backend(backend)
     L = len(level_sizes)
     offsets, stops = level_stops(level_sizes), level_stops(kmax)
@@ -68,7 +72,7 @@ def encode_tree(
 
 @encode_tree.register_fake
 def _(xc, W_enc, b_enc, edge_weight, path_mask, threshold, local_parent, child_ptr, child_ids, level_sizes, k,
-      kmax, max_children, selection, hard_gating, backend):
+      kmax, max_children, selection, hard_gating, backend, row_grads):
     N, K = xc.shape[0], sum(kmax)
     acc = accumulation_dtype(xc.dtype)
     return (xc.new_empty((N, K), dtype=acc), xc.new_empty((N, K), dtype=acc),
@@ -89,9 +93,11 @@ def encode_tree_backward(
     need_W_enc: bool,
     need_edge: bool,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    row_grads: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of xc (N, d), W_enc (F, d), b_enc (F,), edge_weight (F,) in the accumulation
-    dtype; an empty tensor where not needed."""
+    dtype, an empty tensor where not needed; then W_enc's gradient rows (R,): with `row_grads`, the
+    W_enc gradient is their values (R, d) (a row gradient, see `row_gradient`), else it is empty."""
     acc = accumulation_dtype(xc.dtype)
     live = vals != 0  # kept with a positive score: the straight-through path of SPEC 4
     g = torch.where(live, g_vals.to(acc), 0)
@@ -107,32 +113,61 @@ def encode_tree_backward(
             slot = parent_slot[:, cols]
             up = (g[:, cols] * edges[idx[:, cols]]).masked_fill(slot < 0, 0)
             g = g + torch.zeros_like(g).scatter_add_(1, slot.clamp(min=0), up) * live
-    grads = get_backend(backend).encode_backward(
+    impl = get_backend(backend)
+    rows_natively = row_grads and getattr(impl, "ROW_GRADIENTS", False)
+    extra = {"row_grads": True} if rows_natively else {}
+    grads = impl.encode_backward(
         g.contiguous(), idx, parent_slot, xc, W_enc, edge_weight, vals if has_parents else None,
-        need_xc, need_W_enc, need_edge and has_parents, False,
+        need_xc, need_W_enc, need_edge and has_parents, False, **extra,
     )
     g_xc, g_W, g_b, g_edge, _ = grads
     if need_edge and g_edge is None:  # one level: no edges to learn
         g_edge = torch.zeros(W_enc.shape[0], dtype=acc, device=xc.device)
-    return tuple(t if t is not None else xc.new_empty(0) for t in (g_xc, g_W, g_b, g_edge))
+    rows = None
+    if row_grads and need_W_enc:
+        rows, g_W = g_W if rows_natively else to_row_gradient(g_W)
+    return tuple(t if t is not None else xc.new_empty(0, dtype=dtype)
+                 for t, dtype in ((g_xc, acc), (g_W, acc), (g_b, acc), (g_edge, acc), (rows, torch.int64)))
 
 
 @encode_tree_backward.register_fake
-def _(g_vals, idx, vals, parent_slot, xc, W_enc, edge_weight, level_widths, need_xc, need_W_enc, need_edge, backend):
+def _(g_vals, idx, vals, parent_slot, xc, W_enc, edge_weight, level_widths, need_xc, need_W_enc, need_edge, backend,
+      row_grads):
     acc = accumulation_dtype(xc.dtype)
     empty = xc.new_empty((0,), dtype=acc)
-    F = W_enc.shape[0]
+    F, d = W_enc.shape
+    g_W, rows = fake_weight_grad(W_enc, need_W_enc, row_grads)
     return (
         xc.new_empty(xc.shape, dtype=acc) if need_xc else empty,
-        xc.new_empty(W_enc.shape, dtype=acc) if need_W_enc else empty,
+        g_W,
         xc.new_empty((F,), dtype=acc),
         xc.new_empty((F,), dtype=acc) if need_edge else empty,
+        rows,
     )
+
+
+def fake_weight_grad(W: Tensor, needed: bool, row_grads: bool) -> tuple[Tensor, Tensor]:
+    """The fake (shape-only) weight gradient and rows of a backward op: (F, d) and no rows, or a row
+    gradient of data-dependent length."""
+    acc = accumulation_dtype(W.dtype)
+    if not needed:
+        return W.new_empty((0,), dtype=acc), W.new_empty((0,), dtype=torch.int64)
+    if not row_grads:
+        return W.new_empty(W.shape, dtype=acc), W.new_empty((0,), dtype=torch.int64)
+    R = torch.library.get_ctx().new_dynamic_size()
+    return W.new_empty((R, W.shape[1]), dtype=acc), W.new_empty((R,), dtype=torch.int64)
+
+
+def row_gradient(rows: Tensor, values: Tensor, weight: Tensor) -> Tensor:
+    """A weight's gradient as a sparse COO tensor of its touched rows: indices (1, R) strictly
+    increasing, values (R, d) in the weight's dtype; autograd accumulates it into `weight.grad`."""
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), values.to(weight.dtype), weight.shape, is_coalesced=True,
+                                   check_invariants=False)
 
 
 def _setup_context(ctx, inputs, output):
     xc, W_enc, _b, edge_weight = inputs[:4]
-    ctx.kmax, ctx.backend = list(inputs[11]), inputs[-1]
+    ctx.kmax, ctx.backend, ctx.row_grads = list(inputs[11]), inputs[15], inputs[16]
     # The backward returns the inputs' structure as torch.library flattens it: a list of Nones for
     # a list of tensors (an empty list counts as one), one None for anything else.
     ctx.no_grads = [[None] * len(a) if isinstance(a, list) and all(isinstance(t, Tensor) for t in a) else None
@@ -147,12 +182,15 @@ def _backward(ctx, g_vals, _g_scores, _g_idx, _g_slot):
     need = ctx.needs_input_grad
     if g_vals is None:
         g_vals = torch.zeros_like(vals)
-    g_xc, g_W, g_b, g_edge = encode_tree_backward(
+    g_xc, g_W, g_b, g_edge, rows = encode_tree_backward(
         g_vals, idx, vals, parent_slot, xc, W_enc, edge_weight, ctx.kmax, need[0], need[1], need[3], ctx.backend,
+        ctx.row_grads,
     )
+    if need[1]:
+        g_W = row_gradient(rows, g_W, W_enc) if ctx.row_grads else g_W.to(W_enc.dtype)
     return (
         g_xc.to(xc.dtype) if need[0] else None,
-        g_W.to(W_enc.dtype) if need[1] else None,
+        g_W if need[1] else None,
         g_b.to(W_enc.dtype) if need[2] else None,
         g_edge.to(edge_weight.dtype) if need[3] else None,
         *ctx.no_grads,

@@ -5,6 +5,7 @@ matrices' part as one pass over their rows (csrc/adamw_rows.cpp), the functions 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -35,8 +36,20 @@ class MaskedAdamW(torch.optim.AdamW):
         self._feature_params = [p for n, p in named if n in FEATURE_PARAMS]
         self._matrices = {id(p) for n, p in named if n in DECAYED_PARAMS}  # what `update` may take by rows
 
+    def takes_row_grads(self) -> bool:
+        """Whether `update` steps W_enc and W_dec from row gradients (sparse COO, `HSAELayer.row_grads`)
+        without making them dense: the row update can run (CPU, float32, the C++ module built)."""
+        return self.row_update and cpp.row_update_module() is not None and all(
+            p.device.type == "cpu" and p.dtype == torch.float32 and p.dim() == 2 and p.is_contiguous()
+            for group in self.param_groups for p in group["params"] if id(p) in self._matrices)
+
     @torch.no_grad()
     def step(self, closure=None):
+        # torch's fused AdamW takes dense gradients only: row gradients (sparse COO) are expanded here
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.layout == torch.sparse_coo:
+                    p.grad = p.grad.to_dense()
         pruned = ~self.layer.path_mask
         if not pruned.any():
             return super().step(closure)
@@ -59,6 +72,10 @@ class MaskedAdamW(torch.optim.AdamW):
         them (unprojected, unclipped) instead of being changed in place."""
         matrices = self._row_update_matrices()
         if matrices is None:
+            for group in self.param_groups:  # the torch ops below take dense gradients
+                for p in group["params"]:
+                    if p.grad is not None and p.grad.layout == torch.sparse_coo:
+                        p.grad = p.grad.to_dense()
             if unit_decoder:
                 remove_parallel_decoder_grad(self.layer)
             if grad_clip > 0:
@@ -69,7 +86,7 @@ class MaskedAdamW(torch.optim.AdamW):
             return
         ext = cpp.row_update_module()
         W_dec = self.layer.W_dec
-        by_rows = {id(p) for p, _ in matrices}
+        by_rows = {id(p): grad_rows(p.grad) for p, _ in matrices}  # (values, rows or None)
         scale = 1.0
         if grad_clip > 0:
             sq = 0.0
@@ -78,7 +95,8 @@ class MaskedAdamW(torch.optim.AdamW):
                     if p.grad is None:
                         continue
                     if id(p) in by_rows:
-                        sq += ext.grad_sq_norm(p.grad, p if unit_decoder and p is W_dec else None)
+                        values, rows = by_rows[id(p)]
+                        sq += ext.grad_sq_norm(values, p if unit_decoder and p is W_dec else None, rows)
                     else:
                         sq += float(torch.linalg.vector_norm(p.grad, dtype=torch.float64)) ** 2
             # clip_grad_norm_'s factor, clamped to 1 (a NaN norm gives NaN, as there)
@@ -107,7 +125,8 @@ class MaskedAdamW(torch.optim.AdamW):
             step = float(state["step"])
             beta1, beta2 = group["betas"]
             unit = unit_decoder and p is W_dec
-            ext.adamw_rows(p, p.grad, state["exp_avg"], state["exp_avg_sq"], self.layer.path_mask.contiguous(),
+            values, rows = by_rows[id(p)]
+            ext.adamw_rows(p, values, state["exp_avg"], state["exp_avg_sq"], self.layer.path_mask.contiguous(), rows,
                            float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
                            float(group["weight_decay"]), 1.0 - beta1 ** step, 1.0 - beta2 ** step, scale, unit, unit)
         if unit_decoder and id(W_dec) not in by_rows:
@@ -125,17 +144,36 @@ class MaskedAdamW(torch.optim.AdamW):
                 if id(p) not in self._matrices or p.grad is None:
                     continue
                 g = p.grad
+                if g.layout == torch.sparse_coo:
+                    if g.sparse_dim() != 1 or g.dense_dim() != 1:  # not a row gradient: stepped dense
+                        g = p.grad = g.to_dense()
+                    else:
+                        g = g._values()
                 state = self.state.get(p, {})
                 plain = not (group["amsgrad"] or group["maximize"] or group.get("differentiable"))
                 ok = (p.device.type == "cpu" and p.dtype == torch.float32 and p.dim() == 2 and p.is_contiguous()
-                      and g.dtype == torch.float32 and g.layout == torch.strided and g.is_contiguous()
-                      and g.shape == p.shape and plain
+                      and g.dtype == torch.float32 and g.layout == torch.strided
+                      and g.shape[1:] == p.shape[1:] and (p.grad.is_sparse or (g.shape == p.shape and g.is_contiguous()))
+                      and plain
                       and all(state[key].is_contiguous() and state[key].dtype == torch.float32
                               for key in ("exp_avg", "exp_avg_sq") if key in state))
                 if not ok:
                     return None
                 out.append((p, group))
         return out or None
+
+
+def grad_rows(g: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A weight gradient as the row update takes it: (g, None) for a dense one; for a row gradient
+    (sparse COO over rows) its (values (R, d), rows (R,)) with rows strictly increasing, coalescing
+    first where needed (several backward contributions, such as AuxK's, sit side by side)."""
+    if g.layout != torch.sparse_coo:
+        return g, None
+    rows = g._indices()[0]
+    if not g.is_coalesced() and rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
+        g = g.coalesce()
+        rows = g._indices()[0]
+    return g._values().contiguous(), rows.contiguous()
 
 
 @torch.no_grad()

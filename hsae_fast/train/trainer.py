@@ -95,6 +95,10 @@ class Trainer:
         torch.manual_seed(tcfg.seed)  # the same initial model on every rank
         self.layer = HSAELayer(cfg, backend=tcfg.backend, device=self.device, dtype=getattr(torch, tcfg.dtype))
         self.optimizer = MaskedAdamW(self.layer, tcfg.lr, (tcfg.beta1, tcfg.beta2), tcfg.weight_decay)
+        # Backward then writes only the rows of W_enc's and W_dec's gradients that the batch touched,
+        # and the row update reads only those (the same update: see HSAELayer.row_grads). DDP
+        # all-reduces dense gradients, so one process only.
+        self.layer.row_grads = self.optimizer.takes_row_grads() and self.dist.world == 1
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.total_steps, tcfg.warmup_frac, tcfg.decay_start))
         F, L = cfg.dict_size, cfg.num_levels
