@@ -76,7 +76,7 @@ class HSAELayer(nn.Module):
             self._resolved[device] = resolve_backend(self.backend, device)
         return self._resolved[device]
 
-    def _row_grads_now(self) -> bool:
+    def row_grads_now(self) -> bool:
         """Whether this call's weight gradients are row gradients (`row_grads`, never when compiling)."""
         return self.row_grads and not torch.compiler.is_compiling()
 
@@ -141,7 +141,7 @@ class HSAELayer(nn.Module):
         return functional.encode(
             x2 - self.b_dec, self.W_enc, self.b_enc, self.edge_weight, self.path_mask,
             self.threshold, self.tree_plan(), self.cfg, selection, self.backend_for(x2.device),
-            row_grads=self._row_grads_now(),
+            row_grads=self.row_grads_now(),
         )
 
     def encode(self, x: torch.Tensor, selection: Optional[str] = None) -> list:
@@ -160,7 +160,7 @@ class HSAELayer(nn.Module):
         ]
         out = functional.decode(
             levels, self.W_dec, self.level_gain, self.b_dec, self.backend_for(self.W_dec.device), prefixes,
-            row_grads=self._row_grads_now(),
+            row_grads=self.row_grads_now(),
         )
         return out.reshape(*out.shape[:-2], *lead, out.shape[-1]) if prefixes else out.reshape(*lead, -1)
 
@@ -172,7 +172,7 @@ class HSAELayer(nn.Module):
             self._update_thresholds(levels)
         backend = self.backend_for(x2.device)
         out = functional.decode(levels, self.W_dec, self.level_gain, self.b_dec, backend, prefixes=return_prefixes,
-                                row_grads=self._row_grads_now())
+                                row_grads=self.row_grads_now())
         if scale is not None:
             out = out / scale
         x_hat = out[0] if return_prefixes else out

@@ -157,16 +157,24 @@ def auxk_loss(layer, x: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor, k
         vals = _softplus_floored(scores.to(acc)) * gain[local]
         e_hat = dead_decode(local, vals, layer.W_dec, dead_ids, backend).to(acc)
     else:
-        rows_enc = layer.W_enc[dead_ids].to(acc)
+        rows_enc = _rows(layer, layer.W_enc, dead_ids).to(acc)
         xc_acc = x2.detach().to(acc) - layer.b_dec.detach().to(acc)
         scores = xc_acc @ rows_enc.T + layer.b_enc[dead_ids].to(acc)  # (N, |dead|)
         top = scores.topk(k, dim=1)
         acts = torch.zeros_like(scores).scatter(1, top.indices, _softplus_floored(top.values))
-        e_hat = acts @ (layer.W_dec[dead_ids].to(acc) * gain[:, None])
+        e_hat = acts @ (_rows(layer, layer.W_dec, dead_ids).to(acc) * gain[:, None])
     e_norm = e.pow(2).sum()
     if global_sum is not None:
         e_norm = global_sum(e_norm)
     return (e - e_hat).pow(2).sum() / e_norm.clamp_min(torch.finfo(acc).tiny)
+
+
+def _rows(layer, W: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """W[ids], whose gradient is a row gradient (sparse COO over ids) when the layer's are
+    (`HSAELayer.row_grads`): a gather's dense F x d gradient would make the main one dense again."""
+    if layer.row_grads_now():
+        return torch.nn.functional.embedding(ids, W, sparse=True)
+    return W[ids]
 
 
 def orphan_loss(levels: Sequence, parent: torch.Tensor, n_tokens: Optional[float] = None) -> torch.Tensor:

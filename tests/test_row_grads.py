@@ -171,6 +171,8 @@ def test_trainer_uses_row_gradients_and_trains_as_with_dense_ones(tmp_path):
         parts = [t.train_step(batch) for t in trainers]
         assert parts[0] == parts[1]
     assert parts[0].get("auxk", 0) > 0, "AuxK never ran: the test would not cover its gradients"
+    # AuxK's gradients (its dense path, with this few dead features) kept them row gradients
+    assert trainers[0].layer.W_enc.grad.layout == trainers[0].layer.W_dec.grad.layout == torch.sparse_coo
     for name, p in trainers[0].layer.named_parameters():
         assert torch.equal(p, getattr(trainers[1].layer, name)), name
     # a float64 trainer has no row update: dense gradients
