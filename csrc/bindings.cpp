@@ -32,9 +32,9 @@ void decode_forward(Tensor idx, Tensor vals, Tensor W_dec, Tensor level_gain, Te
 OptionalTensor decode_backward(Tensor g_out, Tensor g_levels, Tensor idx, Tensor vals, Tensor W_dec,
                                Tensor level_gain, std::vector<int64_t> level_widths, bool prefixes,
                                OptionalTensor g_vals, OptionalTensor g_W_dec, Tensor g_level_gain, Tensor g_b_dec,
-                               bool compact_W_dec) {
+                               bool compact_W_dec, bool grad_active_only) {
   return hsae_cpu::decode_backward({g_out, g_levels, idx, vals, W_dec, level_gain, level_widths, prefixes, g_vals,
-                                    g_W_dec, g_level_gain, g_b_dec, compact_W_dec});
+                                    g_W_dec, g_level_gain, g_b_dec, compact_W_dec, grad_active_only});
 }
 
 void adamw_rows(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq, OptionalTensor keep_rows,
@@ -51,7 +51,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto release_gil = py::call_guard<py::gil_scoped_release>();
   m.doc() = "hsae_fast's C++ CPU backend: fused top-k encode, routed encode, sparse decode, sparse backward, row-wise AdamW update";
   // Bumped whenever a binding's signature changes: hsae_fast/backends/cpp.py refuses an older build.
-  m.def("abi_version", []() { return 2; });
+  m.def("abi_version", []() { return 3; });
   m.def("pooled_gradient", &hsae_cpu::pooled_gradient);
   m.def("release_gradient_pool", &hsae_cpu::release_gradient_pool);
   m.def("gradient_pool_bytes", &hsae_cpu::gradient_pool_bytes);

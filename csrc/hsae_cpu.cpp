@@ -673,17 +673,25 @@ void encode_routed_impl(const EncodeArgs& a) {
   }
 
   std::vector<float> cand(N * width, kNegInf);  // (N, kp, C) candidate scores, -inf: none
+  // A run of pairs with one parent is a small GEMM (its tokens x its children): each child row is
+  // read once per run and dotted with all the run's tokens (four tokens share each load of it, and
+  // the tokens' rows stay in L1), not once per (token, parent) pair from L2.
   for_each_chunk(static_cast<int64_t>(pairs.size()), 64, [&](int64_t e0, int64_t e1) {
-    std::vector<float> dots(C);
-    for (int64_t e = e0; e < e1; ++e) {
-      const int64_t pair = pairs[e], n = pair / kp, j = pair % kp;
-      const int64_t p = pidx[pair], first = child_ptr[p], count = child_ptr[p + 1] - first;
-      dot_rows(xc + n * d, W, d, child_ids + first, count, dots.data());
-      const float pv = pvals[pair];
-      float* out = cand.data() + n * width + j * C;
+    std::vector<int64_t> tokens;
+    std::vector<float> dots, w_row(d);
+    for (int64_t r0 = e0, r1; r0 < e1; r0 = r1) {
+      const int64_t p = pidx[pairs[r0]], first = child_ptr[p], count = child_ptr[p + 1] - first;
+      for (r1 = r0 + 1; r1 < e1 && pidx[pairs[r1]] == p;) ++r1;
+      const int64_t m = r1 - r0;
+      tokens.resize(m), dots.resize(m);
+      for (int64_t i = 0; i < m; ++i) tokens[i] = pairs[r0 + i] / kp;
       for (int64_t c = 0; c < count; ++c) {
         const int64_t id = child_ids[first + c];
-        out[c] = dots[c] + b_enc[id] + edge[id] * pv;
+        dot_rows(as_floats(W + id * d, w_row.data(), d), xc, d, tokens.data(), m, dots.data());
+        for (int64_t i = 0; i < m; ++i) {
+          const int64_t pair = pairs[r0 + i];
+          cand[tokens[i] * width + (pair % kp) * C + c] = dots[i] + b_enc[id] + edge[id] * pvals[pair];
+        }
       }
     }
   });
@@ -864,8 +872,13 @@ c10::optional<Tensor> decode_backward_impl(const DecodeGrads& a) {
   // is nonzero, its share of g_W_dec[f] = sum gain_l * vals * g_l[n].
   const bool need_dots = g_vals != nullptr;
   std::vector<float> dots(need_dots ? N * K : 0);
-  const FeatureGroups groups =
-      group_by_feature(idx, N * K, F, [&](int64_t e) { return need_dots || (need_W && vals[e] != 0.f); });
+  // active_only: g_vals only where the value is nonzero (0 elsewhere), so a slot of value 0 needs
+  // nothing at all. A layer's inactive candidate slots (most of them under batch selection) then
+  // cost neither a dot product nor a read of their feature's row.
+  if (need_dots && a.grad_active_only) std::fill(g_vals, g_vals + N * K, 0.f);
+  const FeatureGroups groups = group_by_feature(idx, N * K, F, [&](int64_t e) {
+    return vals[e] != 0.f ? need_dots || need_W : need_dots && !a.grad_active_only;
+  });
   // The groups also hold slots of value 0 when dots are needed (empty slots among them, whose id
   // may name any feature, a pruned one too): a row is only for a feature with a nonzero value.
   const GradientRows g_W = gradient_rows(groups, F, ptr_or_null<float>(a.g_W_dec), a.compact_W_dec, [&](int64_t f) {

@@ -56,6 +56,9 @@ struct DecodeGrads {
   OptionalTensor g_vals, g_W_dec;
   at::Tensor g_level_gain, g_b_dec;
   bool compact_W_dec = false;  // as EncodeGrads::compact_W_enc
+  // g_vals only at slots of nonzero value, 0 at the others (callers that discard those: a layer's
+  // encode backward keeps the gradient of active slots only).
+  bool grad_active_only = false;
 };
 
 // A float32 CPU tensor for a weight gradient, from a pool of freed ones (see hsae_cpu.cpp).

@@ -50,10 +50,11 @@ def encode(
 
 
 def decode(codes: list[LevelCodes], W_dec, level_gain, b_dec, backend: str, prefixes: bool = False,
-           row_grads: bool = False) -> torch.Tensor:
+           row_grads: bool = False, grad_active_only: bool = False) -> torch.Tensor:
     """x_hat (N, d), or with `prefixes` (L, N, d) where [m] = b_dec + sum_{l >= m} gain_l * D_l;
-    `row_grads` as in `encode` (W_dec's gradient)."""
+    `row_grads` as in `encode` (W_dec's gradient); `grad_active_only`: no gradient reaches a value
+    of 0 (as the encode's gradient needs: see `sparse_decode`)."""
     idx = torch.cat([c.idx for c in codes], dim=1)
     vals = torch.cat([c.vals for c in codes], dim=1)
     return sparse_decode(idx, vals, W_dec, level_gain, b_dec, [c.idx.shape[1] for c in codes], prefixes, backend,
-                         row_grads)
+                         row_grads, grad_active_only)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from helpers import assert_close, level_op_inputs, needs_cpp, random_layer, tree_op_inputs
+from hsae_fast.backends.common import poisoned_outputs
 from hsae_fast import HSAEConfig
 from hsae_fast.backends import cpp, resolve_backend, torch_sparse
 from hsae_fast.backends.common import poisoned_outputs
@@ -95,9 +96,18 @@ def test_decode_matches_torch_backend(prefixes):
     assert_close("decode", cpp.decode_forward(*fwd), torch_sparse.decode_forward(*fwd), 1e-5)
     g_out = torch.randn((3, N, d) if prefixes else (N, d), generator=gen)
     bwd = (g_out, idx, vals, W, gain, widths, prefixes, True, True, True)
-    for name, a, b in zip(("vals", "W_dec", "level_gain", "b_dec"), cpp.decode_backward(*bwd),
-                          torch_sparse.decode_backward(*bwd)):
+    want = torch_sparse.decode_backward(*bwd)
+    for name, a, b in zip(("vals", "W_dec", "level_gain", "b_dec"), cpp.decode_backward(*bwd), want):
         assert_close(f"grad {name}", a, b, 1e-5)
+    # Only the active slots' value gradients (0 at the others), and the W_dec gradient as its rows:
+    # the other gradients as before, under poisoned outputs.
+    with poisoned_outputs():
+        g_vals, (rows, values), g_gain, g_b = cpp.decode_backward(*bwd, row_grads=True, grad_active_only=True)
+    assert_close("grad vals, active only", g_vals, want[0].masked_fill(vals == 0, 0), 1e-5)
+    assert torch.equal(rows, torch.unique(idx[vals != 0]))
+    assert_close("grad W_dec rows", values, want[1][rows], 1e-5)
+    assert_close("grad level_gain", g_gain, want[2], 1e-5)
+    assert_close("grad b_dec", g_b, want[3], 1e-5)
 
 
 def _step(layer, x):
@@ -147,13 +157,13 @@ def test_opcheck_routed_and_backward_ops():
     all_idx, all_vals = idx[:, upper], torch.rand_like(vals[:, upper])
     widths, gain = args[11][1:], layer.level_gain.detach()[1:].clone()
     torch.library.opcheck(sparse_decode, (all_idx, all_vals.requires_grad_(True), layer.W_dec,
-                                          gain.requires_grad_(True), layer.b_dec, widths, True, "cpp", False))
+                                          gain.requires_grad_(True), layer.b_dec, widths, True, "cpp", False, True))
     torch.library.opcheck(torch.ops.hsae_fast.sparse_decode_backward.default, (
         torch.randn(2, 40, BIG["d_model"]), all_idx, all_vals.detach(), layer.W_dec.detach(), gain.detach(),
-        widths, True, True, True, True, "cpp", False))
+        widths, True, True, True, True, "cpp", False, False))
     torch.library.opcheck(torch.ops.hsae_fast.sparse_decode_backward.default, (
         torch.randn(2, 40, BIG["d_model"]), all_idx, all_vals.detach(), layer.W_dec.detach(), gain.detach(),
-        widths, True, True, True, True, "cpp", True))
+        widths, True, True, True, True, "cpp", True, True))
 
 
 @needs_cpp

@@ -32,7 +32,7 @@ def test_opcheck_sparse_decode(backend, prefixes):
     gen = torch.Generator().manual_seed(4)
     idx = torch.cat([torch.randint(0, 12, (5, 3), generator=gen), torch.randint(12, 16, (5, 1), generator=gen)], 1)
     vals = torch.rand(5, 4, generator=gen).requires_grad_(True)
-    args = (idx, vals, layer.W_dec, layer.level_gain, layer.b_dec, [3, 1], prefixes, backend, False)
+    args = (idx, vals, layer.W_dec, layer.level_gain, layer.b_dec, [3, 1], prefixes, backend, False, prefixes)
     torch.library.opcheck(sparse_decode, args)
 
 
@@ -67,3 +67,29 @@ def test_opcheck_auxk_ops(backend):
     _scores, local = dead_topk(xc, W, b, dead_ids, 3, backend)
     vals = torch.rand(5, 3, generator=gen).requires_grad_(True)
     torch.library.opcheck(dead_decode, (local, vals, W, dead_ids, backend), test_utils=utils)
+
+
+@pytest.mark.parametrize("backend", usable_backends())
+def test_sparse_decode_grad_active_only(backend):
+    """grad_active_only: the values' gradient is the full one at nonzero values and 0 at the others;
+    every other gradient is unchanged."""
+    cfg = HSAEConfig(d_model=6, level_sizes=(12, 4), k=(3, 1), selection="token")
+    layer = random_layer(cfg, backend, torch.float32, seed=3)
+    gen = torch.Generator().manual_seed(8)
+    idx = torch.cat([torch.randint(0, 12, (7, 3), generator=gen), torch.randint(12, 16, (7, 1), generator=gen)], 1)
+    vals = torch.rand(7, 4, generator=gen) * (torch.rand(7, 4, generator=gen) < 0.5)
+    upstream = torch.randn(7, 6, generator=gen)
+    grads = []
+    for active_only in (False, True):
+        v = vals.clone().requires_grad_(True)
+        for p in layer.parameters():
+            p.grad = None
+        out = sparse_decode(idx, v, layer.W_dec, layer.level_gain, layer.b_dec, [3, 1], False, backend, False,
+                            active_only)
+        (out * upstream).sum().backward()
+        grads.append([v.grad, layer.W_dec.grad, layer.level_gain.grad, layer.b_dec.grad])
+    full, active = grads
+    torch.testing.assert_close(active[0], full[0].masked_fill(vals == 0, 0), rtol=0, atol=0)
+    assert (full[0][vals == 0] != 0).any(), "the case has no zero value with a nonzero gradient to drop"
+    for a, b in zip(active[1:], full[1:]):
+        torch.testing.assert_close(a, b)

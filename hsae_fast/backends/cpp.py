@@ -29,14 +29,16 @@ from . import torch_sparse
 from .common import new_output, poison_, to_row_gradient
 
 NAME = "cpp"
-ROW_GRADIENTS = True  # the backward passes take `row_grads` (see encode_backward)
+# Options the backward passes take natively (see encode_backward and decode_backward); the ops do
+# the same for other backends after the fact.
+BACKWARD_OPTIONS = ("row_grads", "grad_active_only")
 _CSRC = Path(__file__).resolve().parents[2] / "csrc"
 _module = None
 _status: Optional[tuple[bool, str]] = None
 # What this file calls in the module: a build without one of them is stale and not used.
 _ENTRY_POINTS = ("encode_forward", "encode_backward", "decode_forward", "decode_backward", "pooled_gradient",
                  "release_gradient_pool", "gradient_pool_bytes", "grad_sq_norm", "adamw_rows", "abi_version")
-_ABI_VERSION = 2  # csrc/bindings.cpp's abi_version(): the argument lists this file passes
+_ABI_VERSION = 3  # csrc/bindings.cpp's abi_version(): the argument lists this file passes
 
 
 def _load_jit():
@@ -189,8 +191,11 @@ def decode_forward(idx, vals, W_dec, level_gain, b_dec, level_widths: list[int],
 
 
 def decode_backward(g_out, idx, vals, W_dec, level_gain, level_widths: list[int], prefixes: bool,
-                    need_vals: bool, need_W_dec: bool, need_gain: bool, row_grads: bool = False):
-    """See `torch_sparse.decode_backward`; `row_grads` as in `encode_backward` (W_dec's gradient)."""
+                    need_vals: bool, need_W_dec: bool, need_gain: bool, row_grads: bool = False,
+                    grad_active_only: bool = False):
+    """See `torch_sparse.decode_backward`; `row_grads` as in `encode_backward` (W_dec's gradient);
+    `grad_active_only`: the vals gradient only where vals != 0, 0 elsewhere (those slots then cost
+    nothing)."""
     if W_dec.dtype == torch.float64:
         grads = torch_sparse.decode_backward(g_out, idx, vals, W_dec, level_gain, level_widths, prefixes,
                                              need_vals, need_W_dec, need_gain)
@@ -205,7 +210,8 @@ def decode_backward(g_out, idx, vals, W_dec, level_gain, level_widths: list[int]
     g_gain = _grad_buffer(True, (len(level_widths),))
     g_b = _grad_buffer(True, (W_dec.shape[1],))
     rows = _ext().decode_backward(g, g_levels, idx.contiguous(), _f32(vals), _weights(W_dec), _f32(level_gain),
-                                  list(level_widths), prefixes, g_vals, g_W, g_gain, g_b, row_grads and need_W_dec)
+                                  list(level_widths), prefixes, g_vals, g_W, g_gain, g_b, row_grads and need_W_dec,
+                                  grad_active_only)
     if rows is not None:
         g_W = (rows, g_W[: rows.shape[0]])
     return g_vals, g_W, g_gain, g_b

@@ -12,16 +12,19 @@ from .encode import fake_weight_grad, row_gradient
 @torch.library.custom_op("hsae_fast::sparse_decode", mutates_args=())
 def sparse_decode(
     idx: Tensor, vals: Tensor, W_dec: Tensor, level_gain: Tensor, b_dec: Tensor,
-    level_widths: list[int], prefixes: bool, backend: str, row_grads: bool,
+    level_widths: list[int], prefixes: bool, backend: str, row_grads: bool, grad_active_only: bool,
 ) -> Tensor:
     """idx, vals: (N, K), the levels' slots side by side (bottom first, `level_widths` each).
     Returns x_hat (N, d), or with `prefixes` the stack (L, N, d) of P_m (P_0 = x_hat). `row_grads`:
-    W_dec's gradient as a sparse COO tensor of its touched rows (see `encode_tree`)."""
+    W_dec's gradient as a sparse COO tensor of its touched rows (see `encode_tree`).
+    `grad_active_only`: the gradient of vals is 0 where vals is 0 (the true one elsewhere), for
+    callers that discard it there (a layer's encode backward keeps active slots only); those slots
+    then cost the backward nothing (most of them, under batch selection's kmax = 4k)."""
     return get_backend(backend).decode_forward(idx, vals, W_dec, level_gain, b_dec, list(level_widths), prefixes)
 
 
 @sparse_decode.register_fake
-def _(idx, vals, W_dec, level_gain, b_dec, level_widths, prefixes, backend, row_grads):
+def _(idx, vals, W_dec, level_gain, b_dec, level_widths, prefixes, backend, row_grads, grad_active_only):
     N, d = idx.shape[0], W_dec.shape[1]
     return W_dec.new_empty((len(level_widths), N, d) if prefixes else (N, d))
 
@@ -31,16 +34,22 @@ def sparse_decode_backward(
     g_out: Tensor, idx: Tensor, vals: Tensor, W_dec: Tensor, level_gain: Tensor,
     level_widths: list[int], prefixes: bool, need_vals: bool, need_W_dec: bool, need_gain: bool, backend: str,
     row_grads: bool,
+    grad_active_only: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of vals (N, K), W_dec (F, d), level_gain (L,), b_dec (d,), empty where not needed;
-    then W_dec's gradient rows, as in `encode_tree_backward`."""
+    then W_dec's gradient rows, as in `encode_tree_backward`. `grad_active_only` as in `sparse_decode`."""
     impl = get_backend(backend)
-    rows_natively = row_grads and getattr(impl, "ROW_GRADIENTS", False)
+    native = getattr(impl, "BACKWARD_OPTIONS", ())
+    rows_natively = row_grads and "row_grads" in native
     extra = {"row_grads": True} if rows_natively else {}
+    if grad_active_only and "grad_active_only" in native:
+        extra["grad_active_only"] = True
     g_vals, g_W, g_gain, g_b = impl.decode_backward(
         g_out.contiguous(), idx, vals, W_dec, level_gain, list(level_widths), prefixes, need_vals, need_W_dec,
         need_gain, **extra,
     )
+    if grad_active_only and "grad_active_only" not in extra and g_vals is not None:
+        g_vals = g_vals.masked_fill(vals == 0, 0)
     rows = None
     if row_grads and need_W_dec:
         rows, g_W = g_W if rows_natively else to_row_gradient(g_W)
@@ -51,7 +60,7 @@ def sparse_decode_backward(
 
 @sparse_decode_backward.register_fake
 def _(g_out, idx, vals, W_dec, level_gain, level_widths, prefixes, need_vals, need_W_dec, need_gain, backend,
-      row_grads):
+      row_grads, grad_active_only):
     acc = accumulation_dtype(W_dec.dtype)
     empty = W_dec.new_empty((0,), dtype=acc)
     g_W, rows = fake_weight_grad(W_dec, need_W_dec, row_grads)
@@ -65,8 +74,9 @@ def _(g_out, idx, vals, W_dec, level_gain, level_widths, prefixes, need_vals, ne
 
 
 def _setup_context(ctx, inputs, output):
-    idx, vals, W_dec, level_gain, _b, level_widths, prefixes, backend, row_grads = inputs
+    idx, vals, W_dec, level_gain, _b, level_widths, prefixes, backend, row_grads, grad_active_only = inputs
     ctx.level_widths, ctx.prefixes, ctx.backend, ctx.row_grads = list(level_widths), prefixes, backend, row_grads
+    ctx.grad_active_only = grad_active_only
     ctx.save_for_backward(idx, vals, W_dec, level_gain)
 
 
@@ -75,7 +85,7 @@ def _backward(ctx, g_out):
     need = ctx.needs_input_grad
     g_vals, g_W, g_gain, g_b, rows = sparse_decode_backward(
         g_out, idx, vals, W_dec, level_gain, ctx.level_widths, ctx.prefixes, need[1], need[2], need[3], ctx.backend,
-        ctx.row_grads,
+        ctx.row_grads, ctx.grad_active_only,
     )
     if need[2]:
         g_W = row_gradient(rows, g_W, W_dec) if ctx.row_grads else g_W.to(W_dec.dtype)
@@ -85,7 +95,7 @@ def _backward(ctx, g_out):
         g_W if need[2] else None,
         g_gain.to(level_gain.dtype) if need[3] else None,
         g_b.to(W_dec.dtype) if need[4] else None,
-        None, None, None, None,
+        None, None, None, None, None,
     )
 
 

@@ -114,7 +114,7 @@ def encode_tree_backward(
             up = (g[:, cols] * edges[idx[:, cols]]).masked_fill(slot < 0, 0)
             g = g + torch.zeros_like(g).scatter_add_(1, slot.clamp(min=0), up) * live
     impl = get_backend(backend)
-    rows_natively = row_grads and getattr(impl, "ROW_GRADIENTS", False)
+    rows_natively = row_grads and "row_grads" in getattr(impl, "BACKWARD_OPTIONS", ())
     extra = {"row_grads": True} if rows_natively else {}
     grads = impl.encode_backward(
         g.contiguous(), idx, parent_slot, xc, W_enc, edge_weight, vals if has_parents else None,
