@@ -18,8 +18,9 @@ Candidates, round-robin in one process (bench/timing.py), each ratio the median 
   flat one with this optimizer;
 - `update`: the update alone, from the same stored gradients every call (copied in untimed);
 - `step`: a full training step as the trainer takes it, forward + backward of the MSE, then the
-  update, for the flat SAE (k=32) and issue 10's wide tree (bench/cases.py `wide_tree`, k=(20, 8, 4)),
-  both with batch selection on the cpp backend, float32.
+  update, for the flat SAE (k=32), issue 10's wide tree (bench/cases.py `wide_tree`) and the SPEC
+  default tree (16, 4, 1) (`default_tree`), both k=(20, 8, 4), all with batch selection on the cpp
+  backend, float32.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.cases import flat, wide_tree  # noqa: E402
+from bench.cases import default_tree, flat, wide_tree  # noqa: E402
 from bench.timing import (Timed, layer_fwd_bwd, paired_ratio, parse_cpp_script_args, round_robin_samples,  # noqa: E402
                           summarize)
 from hsae_fast import HSAELayer  # noqa: E402
@@ -88,7 +89,7 @@ def main() -> None:
     args, why = parse_cpp_script_args(parser)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.n, args.d, generator=gen)
-    models = {"flat": flat(args.f, 32, "batch"), "wide": wide_tree(args.f, K_TREE)}
+    models = {"flat": flat(args.f, 32, "batch"), "wide": wide_tree(args.f, K_TREE), "default": default_tree(args.f, K_TREE)}
     print(f"N={args.n} d={args.d} F={args.f}, float32, cpp, {torch.get_num_threads()} threads, {args.rounds} rounds "
           f"(+{args.warmup} warmup), load average {os.getloadavg()[0]:.1f}; cpp: {why}")
 
@@ -124,12 +125,10 @@ def main() -> None:
         print(f"| {name} | {summarize(a)['median_ms']:.1f} | {summarize(b)['median_ms']:.1f} | "
               f"{summarize(c)['median_ms']:.1f} | {r['median']:.2f} ({r['q25']:.2f}-{r['q75']:.2f}) | "
               f"{r2['median']:.2f} ({r2['q25']:.2f}-{r2['q75']:.2f}) |")
-    for update in ("torch", "rows", "row grads"):
-        r = paired_ratio(s[f"flat step, {update} update"], s[f"wide step, {update} update"])
-        print(f"flat / wide step with the {update} update: {r['median']:.2f} ({r['q25']:.2f}-{r['q75']:.2f})")
-    r = paired_ratio(s["flat step, rows update"], s["wide step, row grads update"])
-    print(f"flat step (rows update, dense gradients) / wide step (row grads): {r['median']:.2f} "
-          f"({r['q25']:.2f}-{r['q75']:.2f})")
+    for tree in ("wide", "default"):
+        for update in ("torch", "rows", "row grads"):
+            r = paired_ratio(s[f"flat step, {update} update"], s[f"{tree} step, {update} update"])
+            print(f"flat / {tree} step with the {update} update: {r['median']:.2f} ({r['q25']:.2f}-{r['q75']:.2f})")
     r = paired_ratio(s["flat step, row grads update"], s["floor"])
     print(f"traffic floor {summarize(s['floor'])['median_ms']:.1f} ms; flat step (row grads) / floor: {r['median']:.2f} "
           f"({r['q25']:.2f}-{r['q75']:.2f}), the most any routed step could gain on the flat one with exact AdamW")

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from helpers import assert_close, level_op_inputs, needs_cpp, random_layer, tree_op_inputs
-from hsae_fast.backends.common import poisoned_outputs
 from hsae_fast import HSAEConfig
 from hsae_fast.backends import cpp, resolve_backend, torch_sparse
 from hsae_fast.backends.common import poisoned_outputs

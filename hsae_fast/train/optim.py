@@ -43,13 +43,16 @@ class MaskedAdamW(torch.optim.AdamW):
             p.device.type == "cpu" and p.dtype == torch.float32 and p.dim() == 2 and p.is_contiguous()
             for group in self.param_groups for p in group["params"] if id(p) in self._matrices)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        # torch's fused AdamW takes dense gradients only: row gradients (sparse COO) are expanded here
+    def _expand_row_grads(self) -> None:
+        """Row gradients (sparse COO) made dense, for the torch ops and torch's fused AdamW."""
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None and p.grad.layout == torch.sparse_coo:
                     p.grad = p.grad.to_dense()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self._expand_row_grads()
         pruned = ~self.layer.path_mask
         if not pruned.any():
             return super().step(closure)
@@ -69,13 +72,12 @@ class MaskedAdamW(torch.optim.AdamW):
         On CPU with float32 weights and the C++ module built, W_enc and W_dec take all of that in one
         pass over their rows (csrc/adamw_rows.cpp) instead of five or six passes over F x d buffers;
         the result is the same up to float32 rounding, but the gradients are left as backward wrote
-        them (unprojected, unclipped) instead of being changed in place."""
+        them (unprojected, unclipped) instead of being changed in place. Row gradients
+        (`HSAELayer.row_grads`) go in as they are: only their rows are read, and every other row
+        steps with gradient zero; elsewhere they are made dense first."""
         matrices = self._row_update_matrices()
         if matrices is None:
-            for group in self.param_groups:  # the torch ops below take dense gradients
-                for p in group["params"]:
-                    if p.grad is not None and p.grad.layout == torch.sparse_coo:
-                        p.grad = p.grad.to_dense()
+            self._expand_row_grads()
             if unit_decoder:
                 remove_parallel_decoder_grad(self.layer)
             if grad_clip > 0:
