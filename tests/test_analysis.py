@@ -3,12 +3,11 @@ the report's pruning and merge candidates on an LM run."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import torch
 
 from hsae_fast import HSAEConfig, HSAELayer
-from hsae_fast.analysis import PathStats, analyze_run
+from hsae_fast.analysis import PathStats
 from hsae_fast.cli import main as hsae_main
 from helpers import random_layer
 from run_dirs import shared_lm_run

@@ -1,7 +1,6 @@
 """`hsae plot`: every figure is written, is not blank, and the path graph leaves pruned features out."""
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np

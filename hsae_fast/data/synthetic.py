@@ -12,7 +12,7 @@ Batch i of seed s is a pure function of (s, i), so a resumed run sees the same d
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Iterator, Optional, Sequence
 
 import torch

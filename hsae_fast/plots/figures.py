@@ -3,7 +3,6 @@ activation heatmaps, and per-level density histograms. Each function writes one 
 its path; all of them read only the run directory's files and the codes of a small sample."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Optional, Sequence
 
