@@ -9,7 +9,10 @@ model, three candidates run round-robin in one process (bench/timing.py):
 - `encoder GEMM`: the bare `x @ W_enc.T` over all F features (what every flat trainer pays, forward only);
 - `fwd+bwd`: `HSAELayer` forward + backward of the MSE, gradients set to None first (training mode:
   batch selection);
-- `step`: the same plus torch's fused AdamW, where its two moments fit in the memory available.
+- `step`: the trainer's step: the same forward + backward with row gradients (`HSAELayer.row_grads`,
+  as the trainer sets it), then `MaskedAdamW.update(grad_clip=1, unit_decoder=True)` (the one-pass row
+  update: projection, clip, AdamW, renorm), where AdamW's two moments fit in the memory available.
+  fwd+bwd runs with row gradients too.
 
 Each model is timed alone: at F = 1M one layer with its gradients holds 12.9 GB, and AdamW's moments
 would add 12.9 GB more, past this machine's 24 GiB, so there the step is not measured and fwd+bwd is.
@@ -33,20 +36,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.cases import flat, wide_tree  # noqa: E402
 from bench.timing import (Timed, free_memory_bytes, layer_fwd_bwd, machine_description, paired_ratio,  # noqa: E402
-                          parse_cpp_script_args, round_robin_samples, steady_fused_adamw, summarize)
+                          parse_cpp_script_args, round_robin_samples, summarize)
 from hsae_fast import HSAELayer  # noqa: E402
 from hsae_fast.backends.cpp import release_gradient_pool  # noqa: E402
+from hsae_fast.train.optim import MaskedAdamW  # noqa: E402
 
 K_TREE = (20, 8, 4)
 F_DEFAULT = ",".join(str(16384 * 2**i) for i in range(7))  # 16384 .. 1048576
 
 
-def full_step(layer: HSAELayer, x: torch.Tensor, optimizer: torch.optim.Optimizer):
+def full_step(layer: HSAELayer, x: torch.Tensor, optimizer: MaskedAdamW):
     backward = layer_fwd_bwd(layer, x)
 
     def call(_):
         backward(None)
-        optimizer.step()
+        optimizer.update(1.0, True)
 
     return call
 
@@ -54,13 +58,14 @@ def full_step(layer: HSAELayer, x: torch.Tensor, optimizer: torch.optim.Optimize
 def time_model(spec, F: int, x: torch.Tensor, args) -> dict:
     torch.manual_seed(F)
     layer = HSAELayer(spec.config(x.shape[1]), backend="cpp").train()
+    layer.row_grads = True  # as the trainer runs it
     param_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
     W_enc = layer.W_enc.detach()
     candidates = [Timed("encoder GEMM", lambda _: x @ W_enc.T), Timed("fwd+bwd", layer_fwd_bwd(layer, x))]
     # After the layer, the step needs its gradients and two moments: 3 x the parameters, plus slack.
     free = free_memory_bytes(x.device)
     fits = 3.3 * param_bytes < free
-    optimizer = steady_fused_adamw(list(layer.parameters()), 1e-4) if fits else None
+    optimizer = MaskedAdamW(layer, lr=1e-4) if fits else None
     if optimizer is not None:
         candidates.append(Timed("step", full_step(layer, x, optimizer)))
     started = time.perf_counter()
