@@ -179,3 +179,32 @@ def test_trainer_uses_row_gradients_and_trains_as_with_dense_ones(tmp_path):
     torch_cfg = TrainConfig(tokens=640, batch_size=64, progress=False, backend="torch", dtype="float64",
                             b_dec_init_tokens=256, eval_tokens=256)
     assert not Trainer(cfg, torch_cfg, SyntheticHierarchy(**data), tmp_path / "f64").layer.row_grads
+
+
+@needs_cpp
+@pytest.mark.parametrize("sparse_auxk", [False, True])
+def test_update_with_auxk_gradients_is_the_dense_update(sparse_auxk):
+    """AuxK's gradients on either of its paths (dense products or its sparse ops) added to row
+    gradients: the update is bit for bit the one from dense gradients."""
+    from hsae_fast.losses import auxk_loss
+    cfg = HSAEConfig(d_model=20, level_sizes=(60, 12, 3), k=(5, 2, 1))
+    torch.manual_seed(6)
+    layers = [HSAELayer(cfg, backend="cpp") for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    opts = [MaskedAdamW(layer, lr=3e-2, weight_decay=0.1) for layer in layers]
+    dead = torch.zeros(75, dtype=torch.bool)
+    dead[torch.randperm(75, generator=torch.Generator().manual_seed(7))[:30]] = True
+    gen = torch.Generator().manual_seed(8)
+    for step in range(3):
+        x = torch.randn(33, 20, generator=gen)
+        for layer, opt, row_grads in zip(layers, opts, (False, True)):
+            layer.row_grads = row_grads
+            opt.zero_grad(set_to_none=True)
+            out = layer(x)
+            aux = auxk_loss(layer, x, out.x_hat, dead, 4, sparse=sparse_auxk)
+            ((out.x_hat - x).pow(2).sum() + aux).backward()
+            if row_grads:
+                assert layer.W_enc.grad.layout == layer.W_dec.grad.layout == torch.sparse_coo
+            opt.update(1e-3, True)
+        for name, p0 in layers[0].named_parameters():
+            assert torch.equal(p0, getattr(layers[1], name)), f"{name} at step {step}"
