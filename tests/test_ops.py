@@ -69,16 +69,17 @@ def test_opcheck_auxk_ops(backend):
     torch.library.opcheck(dead_decode, (local, vals, W, dead_ids, backend), test_utils=utils)
 
 
-@pytest.mark.parametrize("backend", usable_backends())
-def test_sparse_decode_grad_active_only(backend):
+@pytest.mark.parametrize("backend, dtype", [(b, t) for b in usable_backends() for t in (torch.float32, torch.float64)
+                                            if b != "triton" or t == torch.float32])
+def test_sparse_decode_grad_active_only(backend, dtype):
     """grad_active_only: the values' gradient is the full one at nonzero values and 0 at the others;
-    every other gradient is unchanged."""
+    every other gradient is unchanged (float64 too, where the cpp backend runs the torch functions)."""
     cfg = HSAEConfig(d_model=6, level_sizes=(12, 4), k=(3, 1), selection="token")
-    layer = random_layer(cfg, backend, torch.float32, seed=3)
+    layer = random_layer(cfg, backend, dtype, seed=3)
     gen = torch.Generator().manual_seed(8)
     idx = torch.cat([torch.randint(0, 12, (7, 3), generator=gen), torch.randint(12, 16, (7, 1), generator=gen)], 1)
-    vals = torch.rand(7, 4, generator=gen) * (torch.rand(7, 4, generator=gen) < 0.5)
-    upstream = torch.randn(7, 6, generator=gen)
+    vals = (torch.rand(7, 4, generator=gen) * (torch.rand(7, 4, generator=gen) < 0.5)).to(dtype)
+    upstream = torch.randn(7, 6, generator=gen).to(dtype)
     grads = []
     for active_only in (False, True):
         v = vals.clone().requires_grad_(True)

@@ -48,6 +48,13 @@ def new_output(shape, dtype, device) -> torch.Tensor:
     return torch.full(shape, torch.iinfo(dtype).max, dtype=dtype, device=device)
 
 
+def native_options(impl, **wanted: bool) -> dict:
+    """The backward options asked for (those True) that backend module `impl` takes natively (its
+    `BACKWARD_OPTIONS`), as keyword arguments; the ops do the others after the call."""
+    native = getattr(impl, "BACKWARD_OPTIONS", ())
+    return {name: True for name, on in wanted.items() if on and name in native}
+
+
 def to_row_gradient(g_W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A dense (F, d) weight gradient as a row gradient (rows, values): rows the strictly increasing
     ids of its nonzero rows (non-finite counts as nonzero), values (R, d) those rows; every other

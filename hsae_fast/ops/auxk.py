@@ -17,11 +17,7 @@ from torch import Tensor
 
 from ..backends import get_backend
 from ..backends.common import accumulation_dtype
-
-
-def _dead_rows_gradient(dead_ids: Tensor, rows: Tensor, shape) -> Tensor:
-    """The (F, d) gradient whose only nonzero rows are `rows` (n, d) at `dead_ids` (sorted, unique)."""
-    return torch.sparse_coo_tensor(dead_ids[None], rows, shape, is_coalesced=True, check_invariants=False)
+from .encode import row_gradient
 
 
 def _check_ids(dead_ids: Tensor, F: int) -> None:
@@ -83,7 +79,7 @@ def _dead_topk_grad(ctx, g_scores, _g_local):
     if not (need[0] or need[1] or need[2]):
         return None, None, None, None, None, None
     g_xc, g_rows, g_b = _dead_topk_backward_impl(g_scores, local, xc, W_enc, dead_ids, need[0], ctx.backend)
-    g_W = _dead_rows_gradient(dead_ids, g_rows.to(W_enc.dtype), W_enc.shape) if need[1] else None
+    g_W = row_gradient(dead_ids, g_rows, W_enc) if need[1] else None  # the dead rows only
     g_b_enc = W_enc.new_zeros(W_enc.shape[0]).index_copy_(0, dead_ids, g_b.to(W_enc.dtype)) if need[2] else None
     return g_xc.to(xc.dtype) if need[0] else None, g_W, g_b_enc, None, None, None
 
@@ -121,7 +117,7 @@ def _dead_decode_grad(ctx, g_out):
         g_out.contiguous(), local, vals, W_dec.index_select(0, dead_ids), W_dec.new_ones(1), [local.shape[1]], False,
         need[1], need[2], False,
     )
-    g_W = _dead_rows_gradient(dead_ids, g_rows.to(W_dec.dtype), W_dec.shape) if need[2] else None
+    g_W = row_gradient(dead_ids, g_rows, W_dec) if need[2] else None
     return None, g_vals.to(vals.dtype) if need[1] else None, g_W, None, None
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..backends import get_backend
-from ..backends.common import accumulation_dtype, to_row_gradient
+from ..backends.common import accumulation_dtype, native_options, to_row_gradient
 from .encode import fake_weight_grad, row_gradient
 
 @torch.library.custom_op("hsae_fast::sparse_decode", mutates_args=())
@@ -39,20 +39,18 @@ def sparse_decode_backward(
     """Gradients of vals (N, K), W_dec (F, d), level_gain (L,), b_dec (d,), empty where not needed;
     then W_dec's gradient rows, as in `encode_tree_backward`. `grad_active_only` as in `sparse_decode`."""
     impl = get_backend(backend)
-    native = getattr(impl, "BACKWARD_OPTIONS", ())
-    rows_natively = row_grads and "row_grads" in native
-    extra = {"row_grads": True} if rows_natively else {}
-    if grad_active_only and "grad_active_only" in native:
-        extra["grad_active_only"] = True
+    extra = native_options(impl, row_grads=row_grads, grad_active_only=grad_active_only)
     g_vals, g_W, g_gain, g_b = impl.decode_backward(
         g_out.contiguous(), idx, vals, W_dec, level_gain, list(level_widths), prefixes, need_vals, need_W_dec,
         need_gain, **extra,
     )
-    if grad_active_only and "grad_active_only" not in extra and g_vals is not None:
+    if grad_active_only and g_vals is not None:
+        # Whatever the backend did (a native one skips those slots, but not on every dtype path):
+        # an (N, K) pass, next to nothing.
         g_vals = g_vals.masked_fill(vals == 0, 0)
     rows = None
     if row_grads and need_W_dec:
-        rows, g_W = g_W if rows_natively else to_row_gradient(g_W)
+        rows, g_W = g_W if "row_grads" in extra else to_row_gradient(g_W)
     acc = accumulation_dtype(W_dec.dtype)
     return tuple(g if g is not None else W_dec.new_empty(0, dtype=dtype)
                  for g, dtype in ((g_vals, acc), (g_W, acc), (g_gain, acc), (g_b, acc), (rows, torch.int64)))

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..backends import get_backend
-from ..backends.common import accumulation_dtype, level_stops, new_output, to_row_gradient
+from ..backends.common import accumulation_dtype, level_stops, native_options, new_output, to_row_gradient
 from ..selection import activations, select_candidates
 
 
@@ -114,8 +114,7 @@ def encode_tree_backward(
             up = (g[:, cols] * edges[idx[:, cols]]).masked_fill(slot < 0, 0)
             g = g + torch.zeros_like(g).scatter_add_(1, slot.clamp(min=0), up) * live
     impl = get_backend(backend)
-    rows_natively = row_grads and "row_grads" in getattr(impl, "BACKWARD_OPTIONS", ())
-    extra = {"row_grads": True} if rows_natively else {}
+    extra = native_options(impl, row_grads=row_grads)
     grads = impl.encode_backward(
         g.contiguous(), idx, parent_slot, xc, W_enc, edge_weight, vals if has_parents else None,
         need_xc, need_W_enc, need_edge and has_parents, False, **extra,
@@ -125,7 +124,7 @@ def encode_tree_backward(
         g_edge = torch.zeros(W_enc.shape[0], dtype=acc, device=xc.device)
     rows = None
     if row_grads and need_W_enc:
-        rows, g_W = g_W if rows_natively else to_row_gradient(g_W)
+        rows, g_W = g_W if "row_grads" in extra else to_row_gradient(g_W)
     return tuple(t if t is not None else xc.new_empty(0, dtype=dtype)
                  for t, dtype in ((g_xc, acc), (g_W, acc), (g_b, acc), (g_edge, acc), (rows, torch.int64)))
 
@@ -135,7 +134,7 @@ def _(g_vals, idx, vals, parent_slot, xc, W_enc, edge_weight, level_widths, need
       row_grads):
     acc = accumulation_dtype(xc.dtype)
     empty = xc.new_empty((0,), dtype=acc)
-    F, d = W_enc.shape
+    F = W_enc.shape[0]
     g_W, rows = fake_weight_grad(W_enc, need_W_enc, row_grads)
     return (
         xc.new_empty(xc.shape, dtype=acc) if need_xc else empty,
