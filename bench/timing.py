@@ -20,6 +20,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from hsae_fast.train import host
+
 
 @dataclass
 class Timed:
@@ -83,9 +85,15 @@ def parse_cpp_script_args(parser) -> tuple:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--untuned-host", action="store_true",
+                        help="leave glibc's allocator and Python's collector as they are (the trainer tunes both: "
+                             "hsae_fast/train/host.py)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.untuned_host:
+        os.environ["HSAE_HOST_TUNING"] = "0"
+    host.tune_allocator()  # what Trainer.fit does; round_robin_samples freezes the collector as it does
     ok, why = available_backends()["cpp"]
     if not ok:
         raise SystemExit(f"the cpp backend is not available: {why}")
@@ -136,8 +144,9 @@ def round_robin_samples(candidates: list[Timed], device: torch.device, warmup: i
     """What the bench scripts run without pytest-benchmark: `warmup` untimed rounds, then `rounds`
     timed ones; each candidate's times in seconds, one per timed round."""
     timer = RoundRobin(candidates, device, warmup=warmup)
-    for _ in range(warmup + rounds):
-        timer()
+    with host.frozen_gc():  # as in Trainer.fit (HSAE_HOST_TUNING=0: not)
+        for _ in range(warmup + rounds):
+            timer()
     return timer.samples
 
 
