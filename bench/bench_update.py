@@ -20,7 +20,9 @@ Candidates, round-robin in one process (bench/timing.py), each ratio the median 
 - `step`: a full training step as the trainer takes it, forward + backward of the MSE, then the
   update, for the flat SAE (k=32), issue 10's wide tree (bench/cases.py `wide_tree`) and the SPEC
   default tree (16, 4, 1) (`default_tree`), both k=(20, 8, 4), all with batch selection on the cpp
-  backend, float32.
+  backend, float32;
+- `step, AuxK with p dead` (`--dead-fracs`): the row-gradient step with AuxK's loss added, a random
+  fraction p of the features counted dead (AuxK scores all of them for every token, as SPEC 5 asks).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from bench.cases import default_tree, flat, wide_tree  # noqa: E402
 from bench.timing import (Timed, layer_fwd_bwd, paired_ratio, parse_cpp_script_args, round_robin_samples,  # noqa: E402
                           summarize)
 from hsae_fast import HSAELayer  # noqa: E402
+from hsae_fast.losses import auxk_loss  # noqa: E402
 from hsae_fast.train.optim import MaskedAdamW  # noqa: E402
 
 K_TREE = (20, 8, 4)
@@ -81,11 +84,31 @@ def step_call(name: str, layer, opt: MaskedAdamW, x: torch.Tensor, row_grads: bo
     return Timed(f"{name} step, {update_name(opt, row_grads)} update", call)
 
 
+def auxk_step_call(name: str, layer, opt: MaskedAdamW, x: torch.Tensor, dead_frac: float, seed: int):
+    """Timed: the trainer's step (row gradients) with AuxK on: a random `dead_frac` of the features
+    counted dead, its loss (SPEC 5, aux_coef 1/32, k_aux d/2) added to the MSE as `total_loss` adds it."""
+    dead = torch.rand(layer.cfg.dict_size, generator=torch.Generator().manual_seed(seed)) < dead_frac
+    k_aux = layer.cfg.resolved_k_aux
+
+    def call(_):
+        layer.row_grads = True
+        for p in layer.parameters():
+            p.grad = None
+        out = layer(x)
+        mse = (out.x_hat - x).float().pow(2).sum(-1).mean()
+        (mse + auxk_loss(layer, x, out.x_hat, dead, k_aux) / 32).backward()
+        opt.update(1.0, True)
+
+    return Timed(f"{name} step, AuxK with {dead_frac:.0%} dead", call)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1024)
     parser.add_argument("--d", type=int, default=768)
     parser.add_argument("--f", type=int, default=65536)
+    parser.add_argument("--dead-fracs", default="0.1,0.5",
+                        help="also time the step with AuxK at these fractions of dead features ('' for none)")
     args, why = parse_cpp_script_args(parser)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.n, args.d, generator=gen)
@@ -132,6 +155,25 @@ def main() -> None:
     r = paired_ratio(s["flat step, row grads update"], s["floor"])
     print(f"traffic floor {summarize(s['floor'])['median_ms']:.1f} ms; flat step (row grads) / floor: {r['median']:.2f} "
           f"({r['q25']:.2f}-{r['q75']:.2f}), the most any routed step could gain on the flat one with exact AdamW")
+
+    # AuxK (SPEC 5) scores every dead feature for every token, ungated: a GEMM over the dead rows that
+    # the flat and the routed step pay alike, so it narrows the ratio as features die.
+    fracs = [float(f) for f in args.dead_fracs.split(",") if f]
+    if fracs:
+        candidates = []
+        for name in ("flat", "wide"):
+            torch.manual_seed(2)
+            layer = HSAELayer(models[name].config(args.d), backend="cpp").train()
+            opt = MaskedAdamW(layer, lr=1e-4, row_update=True)
+            candidates += [auxk_step_call(name, layer, opt, x, f, seed=3) for f in fracs]
+        s = round_robin_samples(candidates, torch.device("cpu"), args.warmup, args.rounds)
+        print("\n| dead features | flat step ms | wide step ms | flat / wide (q25-q75) |")
+        print("|---|---|---|---|")
+        for f in fracs:
+            a, b = s[f"flat step, AuxK with {f:.0%} dead"], s[f"wide step, AuxK with {f:.0%} dead"]
+            r = paired_ratio(a, b)
+            print(f"| {f:.0%} | {summarize(a)['median_ms']:.1f} | {summarize(b)['median_ms']:.1f} | "
+                  f"{r['median']:.2f} ({r['q25']:.2f}-{r['q75']:.2f}) |")
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
