@@ -17,8 +17,8 @@ wide tree's step, `python -m bench.bench_update`):
   walk only what the loop made; nothing is leaked, the loop's own cycles are still collected.
 
 Together: the wide tree's step 121-139 ms -> 103-112 ms on the 2-core CPU (12 runs alternating,
-session 10). `training_loop()` applies both, as `Trainer.fit` does; set HSAE_HOST_TUNING=0 to
-leave the process as it is.
+session 10); on small steps (F=9,540, d=640) no difference beyond the noise. `training_loop()`
+applies both, as `Trainer.fit` does; set HSAE_HOST_TUNING=0 to leave the process as it is.
 """
 from __future__ import annotations
 
