@@ -111,6 +111,14 @@ def test_row_update_matches_the_torch_update(sizes, k, d, grad_clip, unit_decode
                 torch.testing.assert_close(fused, torch_path, rtol=1e-5, atol=1e-5 * float(torch_path.abs().max()),
                                            msg=lambda m: f"{name} {key} at step {step}: {m}")
             assert float(opts[0].state[p0]["step"]) == step + 1
+        # Each step is compared from the same point: carried along, the paths' float32 rounding
+        # differences (1e-8 after one step) feed the next gradients, and where a clipped gradient
+        # element sits under eps, AdamW multiplies its error by lr / eps (3e6 here): the 1e-3 clip
+        # case then drifted past the tolerance on one CPU (session 10's EPYC) and not on another.
+        layers[1].load_state_dict(layers[0].state_dict())
+        for p0, p1 in zip(layers[0].parameters(), layers[1].parameters()):
+            for key, value in opts[0].state[p0].items():
+                opts[1].state[p1][key].copy_(value)
     if unit_decoder:
         norms = layers[0].W_dec.detach().norm(dim=1)
         torch.testing.assert_close(norms[kept], torch.ones(int(kept.sum())))
