@@ -21,14 +21,14 @@ import torch
 from torch import Tensor
 
 from ..backends import get_backend
-from ..backends.common import accumulation_dtype
+from ..backends.common import accumulation_dtype, native_options
 from .encode import row_gradient
 
 
-def _native_rows(backend: str, W: Tensor) -> bool:
-    """Whether the backend writes W's gradient rows itself (then no gathered copy of W is needed
-    after the forward). float64 goes through the torch functions on every backend."""
-    return "row_grads" in getattr(get_backend(backend), "BACKWARD_OPTIONS", ()) and W.dtype != torch.float64
+def _native_rows(backend: str) -> bool:
+    """Whether the backend's backward writes weight gradients as rows itself (then no gathered copy
+    of the weights is needed after the forward)."""
+    return bool(native_options(get_backend(backend), row_grads=True))
 
 
 def _check_ids(dead_ids: Tensor, F: int) -> None:
@@ -70,7 +70,7 @@ def _dead_topk_backward_impl(g_scores, local, xc, W_enc, dead_ids, need_xc, back
     N, k = local.shape
     no_parent = torch.full((N, k), -1, dtype=torch.int64, device=local.device)
     impl = get_backend(backend)
-    if _native_rows(backend, W_enc):  # global ids on the full W_enc: no gather, only touched rows written
+    if _native_rows(backend):  # global ids on the full W_enc: no gather, only touched rows written
         g_xc, (rows, values), g_b, _, _ = impl.encode_backward(
             g_scores.contiguous(), dead_ids[local], no_parent, xc, W_enc, W_enc.new_zeros(W_enc.shape[0]), None,
             need_xc, True, False, False, row_grads=True,
@@ -113,7 +113,7 @@ def dead_decode(local: Tensor, vals: Tensor, W_dec: Tensor, dead_ids: Tensor, ba
     """sum_j vals[n, j] * W_dec[dead_ids[local[n, j]]] -> (N, d) in W_dec's dtype (no bias, no gain)."""
     _check_ids(dead_ids, W_dec.shape[0])
     d = W_dec.shape[1]
-    if _native_rows(backend, W_dec):  # the decode reads only the rows it is given ids of
+    if _native_rows(backend):  # the decode reads only the rows it is given ids of
         return get_backend(backend).decode_forward(
             dead_ids[local], vals, W_dec, W_dec.new_ones(1), W_dec.new_zeros(d), [local.shape[1]], False)
     return get_backend(backend).decode_forward(
@@ -137,7 +137,7 @@ def _dead_decode_grad(ctx, g_out):
     if not (need[1] or need[2]):
         return None, None, None, None, None
     impl, widths = get_backend(ctx.backend), [local.shape[1]]
-    if _native_rows(ctx.backend, W_dec):
+    if _native_rows(ctx.backend):
         g_vals, g_W, _, _ = impl.decode_backward(
             g_out.contiguous(), dead_ids[local], vals, W_dec, W_dec.new_ones(1), widths, False, need[1], need[2], False,
             row_grads=need[2],
