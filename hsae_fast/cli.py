@@ -11,6 +11,7 @@ import sys
 
 SUBCOMMANDS = {
     "train": ("hsae_fast.train.cli", "train an HSAE or a flat SAE"),
+    "finetune": ("hsae_fast.train.finetune_cli", "short KL + FVU fine-tune of an LM run with the model in the loop"),
     "eval": ("hsae_fast.eval.cli", "SAEBench-style evaluation of a run (writes RUN_DIR/metrics.json)"),
     "analyze": ("hsae_fast.analysis.cli", "path attribution and tree-use report of a run"),
     "plot": ("hsae_fast.plots.cli", "figures of a run"),

@@ -52,6 +52,39 @@ def test_patched_layer_replaces_the_hooked_activation(tiny):
     assert (ablated - clean).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("layer", [1, 2])
+def test_replayed_lower_blocks_give_the_spliced_forward_without_running(tiny, layer):
+    # The KL fine-tune's second forward replays the blocks below the hooked layer from the first.
+    _, _, _, model, _ = tiny
+    rows = torch.randint(100, 5000, (2, 12))
+    delta = torch.randn(2, 12, model.config.n_embd)
+    with torch.no_grad():
+        captured, raw = [], []
+        handle = lm.capture_block_output(model, layer, raw)
+        try:
+            with lm.patched_layer(model, layer, lambda h: captured.append(h)):
+                clean = model(input_ids=rows).logits
+        finally:
+            handle.remove()
+        with lm.patched_layer(model, layer, lambda h: h + delta):
+            want = model(input_ids=rows).logits
+        ran = []
+        hooks = [m.register_forward_hook(lambda *_: ran.append(1))
+                 for block in lm.decoder_layers(model)[:layer] for m in block.children()]
+        try:
+            with lm.lower_blocks_replayed(model, layer, raw[0]), lm.patched_layer(model, layer, lambda _h: captured[0] + delta):
+                got = model(input_ids=rows).logits
+        finally:
+            for h in hooks:
+                h.remove()
+        assert not ran, "a replayed block ran its modules"
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert (want - clean).abs().max() > 1e-3
+        # the blocks are themselves again afterwards
+        torch.testing.assert_close(model(input_ids=rows).logits, clean, rtol=0, atol=0)
+        assert all("forward" not in block.__dict__ for block in lm.decoder_layers(model))
+
+
 def test_token_rows_open_with_bos_and_mark_special_tokens(tiny):
     _, _, _, _, tokenizer = tiny
     docs = [("a", "the king speaks"), ("b", "the queen answers " * 40)]
