@@ -83,6 +83,11 @@ class TrainConfig:
     prune_unused: bool = False
     prune_after: float = 0.5
     prune_window_tokens: int = 1_000_000
+    # Train in the model's output-Fisher metric (hsae_fast.data.fisher): 0 is SPEC 5's plain FVU; w in
+    # (0, 1) trains on x' = A x, A = ((1 - w) I + w G d / tr G)^(1/2), and folds A into the final layer.
+    # fisher_file: G's file (default: DATA/fisher/output_fisher.safetensors of an activation cache folder).
+    fisher_weight: float = 0.0
+    fisher_file: Optional[str] = None
     refine: bool = True
     baseline: str = "none"
     eval_tokens: int = 16384
@@ -130,6 +135,8 @@ class TrainConfig:
                      "adapt_target_util"):
             if not 0 <= getattr(self, name) <= 1:
                 raise _error(name, getattr(self, name), "is a fraction in [0, 1]")
+        if not (math.isfinite(self.fisher_weight) and 0 <= self.fisher_weight < 1):
+            raise _error("fisher_weight", self.fisher_weight, "must be in [0, 1) (0: the plain FVU)")
         if self.k_start_mult < 1:
             raise _error("k_start_mult", self.k_start_mult, "must be >= 1 (k decays from k_start_mult * k to k)")
         if self.adapt_max_mult < 1:

@@ -81,17 +81,47 @@ def evaluate(layer, source, tcfg: TrainConfig, synthetic: bool, refined_W: Optio
             "dead_frac": counter.dead_fraction(layer.path_mask), "hcs": hits / count if count else float("nan")}
 
 
-def train_one(cfg: HSAEConfig, tcfg: TrainConfig, source, out_dir: Path, resume: bool, desc: str) -> tuple:
+def fisher_transform(tcfg: TrainConfig) -> Optional[tuple]:
+    """(A, A^-1) of `fisher_weight` (None at 0), from `fisher_file` or DATA/fisher/output_fisher.safetensors."""
+    if tcfg.fisher_weight == 0:
+        return None
+    from ..data.fisher import FISHER_FILE, load_fisher, metric_transform
+
+    if tcfg.fisher_file is not None:
+        path = Path(tcfg.fisher_file)
+    elif Path(tcfg.data).is_dir():
+        path = Path(tcfg.data) / FISHER_FILE
+    else:
+        raise ValueError(f"fisher_weight={tcfg.fisher_weight} needs the output Fisher: set fisher_file, or train on an "
+                         f"activation cache folder holding {FISHER_FILE} (python -m hsae_fast.data.fisher CACHE)")
+    G, _ = load_fisher(path)
+    return metric_transform(G, tcfg.fisher_weight)
+
+
+def train_one(cfg: HSAEConfig, tcfg: TrainConfig, source, out_dir: Path, resume: bool, desc: str,
+              transform: Optional[tuple] = None) -> tuple:
+    """Train one model into out_dir. With `transform` (A, A^-1) it trains on A x and folds A into the
+    final layer (hsae_fast.data.fisher), so final/ and the metrics are of x itself."""
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = out_dir / "config.json"
     wanted = run_config(cfg, tcfg)
     resume = resume and (out_dir / "checkpoints" / "latest.json").is_file()
     if resume:
         _check_resume_config(config_path, wanted)
-    trainer = Trainer(cfg, tcfg, source, out_dir, resume=resume)
+    if transform is not None:
+        from ..data.fisher import TransformedSource
+
+        if transform[0].shape[0] != source.d_model:
+            raise ValueError(f"the Fisher matrix is {transform[0].shape[0]}-dimensional; the data has d={source.d_model}")
+    train_source = source if transform is None else TransformedSource(source, transform[0])
+    trainer = Trainer(cfg, tcfg, train_source, out_dir, resume=resume)
     if trainer.dist.main:
         write_json(config_path, wanted)
     trainer.fit(desc)
+    if transform is not None:
+        from ..data.fisher import fold_transform
+
+        fold_transform(trainer.layer, *transform)
     trainer.save_final()
     metrics = {}
     if trainer.dist.main:
@@ -116,11 +146,12 @@ def run(model_fields: dict, train_fields: dict, out_dir, resume: bool = False) -
     use_threads(tcfg)
     source = open_run_source(tcfg, model_fields)
     cfg = resolve_model_config(model_fields, source.d_model, tcfg)
+    transform = fisher_transform(tcfg)
     out_dir = Path(out_dir)
-    trainer, metrics = train_one(cfg, tcfg, source, out_dir, resume, "hsae")
+    trainer, metrics = train_one(cfg, tcfg, source, out_dir, resume, "hsae", transform)
     results = {"hsae": metrics}
     if tcfg.baseline == "flat" and cfg.num_levels > 1:
-        _, flat_metrics = train_one(flat_baseline_config(cfg), tcfg, source, out_dir / "flat", resume, "flat")
+        _, flat_metrics = train_one(flat_baseline_config(cfg), tcfg, source, out_dir / "flat", resume, "flat", transform)
         results["flat"] = flat_metrics
         if trainer.dist.main:
             print(comparison_table(results["hsae"], flat_metrics))
