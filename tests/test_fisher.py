@@ -186,3 +186,5 @@ def test_fisher_weight_without_a_fisher_file_is_named(tmp_path, tiny_cache):
         run_training({"level_sizes": [48, 12, 3], "k": [6, 3, 2]}, fields, tmp_path / "run")
     with pytest.raises(ValueError, match="fisher_weight"):
         run_training({"level_sizes": [48, 12, 3], "k": [6, 3, 2]}, dict(fields, fisher_weight=1.0), tmp_path / "run2")
+    with pytest.raises(ValueError, match="input_norm"):
+        run_training({"level_sizes": [48, 12, 3], "k": [6, 3, 2], "input_norm": "token"}, fields, tmp_path / "run3")

@@ -146,6 +146,11 @@ def run(model_fields: dict, train_fields: dict, out_dir, resume: bool = False) -
     use_threads(tcfg)
     source = open_run_source(tcfg, model_fields)
     cfg = resolve_model_config(model_fields, source.d_model, tcfg)
+    if tcfg.fisher_weight > 0 and cfg.input_norm != "none":
+        # input_norm scales each token by its own norm: the norm of A x is not that of x, so the fold
+        # would not give the trained layer's codes
+        raise ValueError(f"fisher_weight={tcfg.fisher_weight} with input_norm={cfg.input_norm!r}: "
+                         "choose one (input_norm='none' with the Fisher metric)")
     transform = fisher_transform(tcfg)
     out_dir = Path(out_dir)
     trainer, metrics = train_one(cfg, tcfg, source, out_dir, resume, "hsae", transform)
