@@ -48,6 +48,17 @@ def tiny_model_dir(root: Path) -> Path:
     return folder
 
 
+def tiny_lm(root: Path, n_words: int = 3000):
+    """(model folder, corpus file, model, tokenizer): the tiny random GPT-2 and a corpus of n_words under root."""
+    from hsae_fast.data import lm
+
+    folder = tiny_model_dir(root)
+    corpus = root / "corpus.txt"
+    corpus.write_text(corpus_text(n_words))
+    model, tokenizer = lm.load_model(str(folder))
+    return folder, corpus, model, tokenizer
+
+
 def fit_layer(cfg: HSAEConfig, x: torch.Tensor, seed: int = 0) -> HSAELayer:
     """An HSAE that reconstructs x decently without training (fast): a random tied encoder, b_dec
     the mean, and the decoder rows solved by least squares for the eval-mode codes of x."""

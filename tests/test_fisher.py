@@ -17,7 +17,7 @@ from hsae_fast.data.fisher import (FISHER_FILE, TransformedSource, estimate_fish
                                    load_fisher, metric_transform)
 from hsae_fast.train.checkpoint import load_checkpoint
 from helpers import random_layer
-from run_dirs import CONTEXT, corpus_text, tiny_model_dir
+from run_dirs import CONTEXT, tiny_lm
 
 
 def random_psd(d: int, seed: int, rank: int | None = None) -> torch.Tensor:
@@ -130,10 +130,7 @@ def test_the_sampled_fisher_estimates_the_exact_one():
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("fisher")
-    folder = tiny_model_dir(root)
-    corpus = root / "corpus.txt"
-    corpus.write_text(corpus_text(3000))
-    model, tokenizer = lm.load_model(str(folder))
+    folder, corpus, model, tokenizer = tiny_lm(root)
     cache = lm.cache_activations(str(folder), 1, out_dir=root / "cache", corpus=str(corpus), context=CONTEXT,
                                  shard_tokens=8 * CONTEXT, batch_rows=4, progress=False)
     path = fisher_for_cache(cache, tokens=40 * CONTEXT, positions_per_row=8, progress=False, model=model, tokenizer=tokenizer)

@@ -8,17 +8,13 @@ import pytest
 import torch
 
 from hsae_fast.data import lm
-from run_dirs import CONTEXT, corpus_text, tiny_model_dir
+from run_dirs import CONTEXT, tiny_lm
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm")
-    folder = tiny_model_dir(root)
-    corpus = root / "corpus.txt"
-    corpus.write_text(corpus_text(3000))
-    model, tokenizer = lm.load_model(str(folder))
-    return root, folder, corpus, model, tokenizer
+    return (root, *tiny_lm(root))
 
 
 def test_layer_activations_match_hidden_states_and_stop_early(tiny):

@@ -49,6 +49,21 @@ class Run:
     def is_lm(self) -> bool:
         return self.lm is not None
 
+    @property
+    def hooked_layer(self) -> int:
+        """The LM layer the run's activations came from (LM runs; the data module's default if unset)."""
+        from ..data.lm import DEFAULT_LAYER
+
+        layer = self.lm.get("layer")
+        return DEFAULT_LAYER if layer is None else int(layer)
+
+    def train_config(self):
+        """The run's TrainConfig, rebuilt from config.json (fields this version does not know are dropped)."""
+        from ..train.config import TrainConfig
+
+        known = set(TrainConfig.__dataclass_fields__)
+        return TrainConfig(**{k: v for k, v in self.trainer.items() if k in known})
+
     def metrics_log(self) -> list[dict]:
         """The training log (metrics.jsonl): one dict per logged step; [] when absent."""
         path = self.directory / "metrics.jsonl"
@@ -123,10 +138,7 @@ class EvalData:
 
     @property
     def hooked_layer(self) -> int:
-        from ..data.lm import DEFAULT_LAYER
-
-        layer = self.run.lm.get("layer")
-        return DEFAULT_LAYER if layer is None else int(layer)
+        return self.run.hooked_layer
 
     def _open_lm(self) -> None:
         from ..data import lm
@@ -140,12 +152,9 @@ class EvalData:
 
     def _open_source(self):
         """The training source, reopened as the trainer opened it (synthetic options included)."""
-        from ..train.config import TrainConfig
         from ..train.run import open_run_source
 
-        known = {f for f in TrainConfig.__dataclass_fields__}
-        tcfg = TrainConfig(**{k: v for k, v in self.run.trainer.items() if k in known})
-        return open_run_source(tcfg, self.run.hsae)
+        return open_run_source(self.run.train_config(), self.run.hsae)
 
     def batches(self) -> Iterator[EvalBatch]:
         if not self.run.is_lm:

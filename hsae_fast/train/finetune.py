@@ -92,7 +92,6 @@ def finetune_run(run_dir, out_dir=None, fcfg: Optional[FinetuneConfig] = None, d
 
     from ..data import lm
     from ..eval.runs import load_run
-    from .config import TrainConfig
     from .host import training_loop
     from .optim import MaskedAdamW
     from .schedules import lr_factor
@@ -107,14 +106,13 @@ def finetune_run(run_dir, out_dir=None, fcfg: Optional[FinetuneConfig] = None, d
                          "the fine-tune needs the model its activations came from")
     if (out_dir / "final").exists():
         raise FileExistsError(f"{out_dir}/final exists: choose another --out or remove it")
-    known = set(TrainConfig.__dataclass_fields__)
-    tcfg = TrainConfig(**{k: v for k, v in run.trainer.items() if k in known})
+    tcfg = run.train_config()
 
     if model is None:
         model, tokenizer = lm.load_model(run.lm["model"], device)
     for p in model.parameters():
         p.requires_grad_(False)
-    layer_index = int(run.lm["layer"]) if run.lm.get("layer") is not None else lm.DEFAULT_LAYER
+    layer_index = run.hooked_layer
     corpus = fcfg.corpus or run.lm.get("corpus") or "shakespeare"
     context = int(run.lm.get("context") or lm.DEFAULT_CONTEXT)
     rows = lm.sample_rows(lm.token_rows(tokenizer, lm.corpus_documents(corpus, "train"), context), fcfg.tokens, fcfg.seed)
@@ -123,9 +121,7 @@ def finetune_run(run_dir, out_dir=None, fcfg: Optional[FinetuneConfig] = None, d
 
     layer = run.layer.train()
     layer.row_grads = False  # gradients arrive through the LM's backward: dense, as autograd writes them
-    optimizer = MaskedAdamW(layer, tcfg.lr, weight_decay=tcfg.weight_decay)
-    for group in optimizer.param_groups:
-        group["lr"] = fcfg.lr
+    optimizer = MaskedAdamW(layer, fcfg.lr, weight_decay=tcfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, fcfg.warmup_frac, fcfg.warmup_frac))
     use_keep = fcfg.kl_positions > 0 and fcfg.kl_positions < context - 1 and _supports_logits_to_keep(model)
     generator = torch.Generator().manual_seed(fcfg.seed)
