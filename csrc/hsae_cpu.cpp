@@ -22,6 +22,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstring>
 #include <cstdlib>
@@ -146,6 +147,61 @@ inline const float* as_floats(const BFloat16* src, float* buffer, int64_t count)
   widen_rows(src, buffer, count);
   return buffer;
 }
+
+// ------------------------------------------------------------------------------------ bfloat16 screen
+// A float32 dense level scored at bfloat16 GEMM speed with the float32 answer (see encode_dense_impl):
+// x and W rounded to bfloat16 (round to nearest even, as c10::BFloat16 does), one GEMM, then an upper
+// bound of every float32 score from the bfloat16 one, which picks the few candidates to score again
+// exactly. These are the bounds' pieces.
+HSAE_INLINE uint16_t bf16_bits(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  return static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+HSAE_INLINE float bf16_value(uint16_t bits) {
+  const uint32_t b = static_cast<uint32_t>(bits) << 16;
+  float v;
+  std::memcpy(&v, &b, sizeof(v));
+  return v;
+}
+
+// out = bf16(v), *norm = |v| and *rounding_norm = |v - bf16(v)| for one row of n floats (lane sums).
+HSAE_VECTOR_CLONES void narrow_with_norms(const float* v, int64_t n, BFloat16* out, float* norm, float* rounding_norm) {
+  uint16_t* bits = reinterpret_cast<uint16_t*>(out);
+  float acc[kLanes] = {}, acc_lo[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const float x = v[i + l];
+      bits[i + l] = bf16_bits(x);
+      const float lo = x - bf16_value(bits[i + l]);
+      acc[l] += x * x, acc_lo[l] += lo * lo;
+    }
+  for (int64_t l = 0; i + l < n; ++l) {
+    const float x = v[i + l];
+    bits[i + l] = bf16_bits(x);
+    const float lo = x - bf16_value(bits[i + l]);
+    acc[l] += x * x, acc_lo[l] += lo * lo;
+  }
+  *norm = std::sqrt(reduce_lanes(acc));
+  *rounding_norm = std::sqrt(reduce_lanes(acc_lo));
+}
+
+// out[j] = s[j] + kappa |s[j]| + a lo[j] + c hi[j]: s the bfloat16 GEMM's (rounded) score, lo and hi
+// per-feature norms, a and c per-token factors (encode_dense_impl says what each covers).
+HSAE_VECTOR_CLONES void screen_upper_bounds(const BFloat16* s, const float* lo, const float* hi, float kappa, float a,
+                                            float c, int64_t n, float* out) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(s);
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = bf16_value(bits[j]);
+    out[j] = v + kappa * std::fabs(v) + a * lo[j] + c * hi[j];
+  }
+}
+
+// Rows screened and rows that fell back to the exact scan, a row counted once per feature split
+// (tests and benchmarks read these).
+std::atomic<int64_t> g_screened_rows{0}, g_screen_fallbacks{0};
 
 // A gradient row that no slot touches is all zeros: those are written with non-temporal stores,
 // which skip the read-for-ownership of every cache line and leave the cache to the rows that are
@@ -518,9 +574,67 @@ void write_dense_row(const std::vector<Candidate>& best, int64_t n, int64_t K, c
   }
 }
 
+// The bfloat16 screen of a float32 level (EncodeArgs::screen). With x~, w~ the bfloat16 roundings of a
+// token and a feature row, x_lo = x - x~ and w_lo = w - w~ (exactly), x.w = x~.w~ + x~.w_lo + x_lo.w, so
+//   |x.w - x~.w~| <= |x~| |w_lo| + |x_lo| |w|   (Cauchy-Schwarz; |x_lo| <= 2^-8 |x| per element).
+// The GEMM sums x~.w~ in float32 (products of bfloat16 values are exact in float32) and rounds the sum
+// to bfloat16 (relative error under 2^-8): s' with |s' - x~.w~| <= kappa |s'| + gamma_d |x~| |w~|.
+// The exact score the level selects by is s = fl32(dot(x, w)) + b (dot_rows' fixed order, within
+// gamma_d |x| |w| of x.w). So every s is at most
+//   U = s' + kappa |s'| + a |w_lo| + c |w| + b (1 + 2^-20 sign b)
+// with a = |x~| and c = |x_lo| + (3 gamma_d + 2^-20) |x|, both scaled by 1 + 2^-10 + 2 gamma_d for the
+// float32 rounding of the norms and of U itself. Each row keeps the M best U; all other features
+// have U <= the M-th best U, so if that is below the K-th best exact score among the kept, the K best
+// of the kept, scored exactly, are the K best of the level: the same set, the same scores and the same
+// order as scoring every feature in float32. Otherwise (a row of near-equal scores) the row is
+// scored exactly in full. Typical scores spread as |x| |w| / sqrt(d); the bound is about 2^-8 |x| |w|,
+// so only features within a few hundredths of that spread of the K-th join the K best.
+struct ScreenBounds {
+  static constexpr float kKappa = 1.f / 256.f + 1.f / 16384.f;
+  std::vector<float> w_norm, w_lo_norm;  // per feature of the level
+  std::vector<float> a, c;               // per token
+  std::vector<float> bias_up;            // b (1 + 2^-20 sign b), -inf where pruned
+  Tensor xb;                             // (N, d) bfloat16 tokens
+  Tensor wb_storage;                     // the level's (Fl, d) bfloat16 weights, in float32 storage
+  const BFloat16* wb = nullptr;
+};
+
+ScreenBounds screen_bounds(const float* xc, int64_t N, const float* W, int64_t Fl, int64_t d, const float* b_enc,
+                           const bool* keep) {
+  ScreenBounds sb;
+  const double gamma = d * std::ldexp(1.0, -24) / (1.0 - d * std::ldexp(1.0, -24));
+  const float scale = static_cast<float>(1.0 + std::ldexp(1.0, -10) + 2 * gamma);
+  const float c_abs = static_cast<float>(3 * gamma + std::ldexp(1.0, -20));
+  sb.w_norm.resize(Fl), sb.w_lo_norm.resize(Fl), sb.bias_up.resize(Fl), sb.a.resize(N), sb.c.resize(N);
+  sb.xb = at::empty({N, d}, at::kBFloat16);
+  // The bfloat16 weights are as big as a gradient and made every step: pooled like one (no page faults).
+  const int64_t floats = (Fl * d + 1) / 2;
+  sb.wb_storage = floats * 4 >= (int64_t(4) << 20) ? pooled_gradient({floats}) : at::empty({floats}, at::kFloat);
+  BFloat16* wb = reinterpret_cast<BFloat16*>(sb.wb_storage.data_ptr<float>());
+  sb.wb = wb;
+  for_each_chunk(Fl, 256, [&](int64_t f0, int64_t f1) {
+    for (int64_t f = f0; f < f1; ++f) {
+      narrow_with_norms(W + f * d, d, wb + f * d, &sb.w_norm[f], &sb.w_lo_norm[f]);
+      sb.bias_up[f] = keep[f] ? b_enc[f] + std::fabs(b_enc[f]) * 0x1p-20f : kNegInf;
+    }
+  });
+  BFloat16* xb = sb.xb.data_ptr<BFloat16>();
+  for_each_chunk(N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      float x_norm, x_lo_norm;
+      narrow_with_norms(xc + n * d, d, xb + n * d, &x_norm, &x_lo_norm);
+      sb.a[n] = scale * (x_norm + x_lo_norm);  // |x~| <= |x| + |x_lo|
+      sb.c[n] = scale * (x_lo_norm + c_abs * x_norm);
+    }
+  });
+  return sb;
+}
+
 // Scores of a whole level: a GEMM per (row block, feature tile), then bias, pruned mask and the edge
 // term of gating "none", merged into a running top-k per row while the tile is in cache. With fewer
-// row blocks than threads (small N) the features are split too and the partial top-ks merged.
+// row blocks than threads (small N) the features are split too and the partial top-ks merged. With
+// the screen, each tile is a bfloat16 GEMM whose upper bounds (ScreenBounds above) feed a running
+// top-M, and each row's M are scored again exactly at the end.
 template <typename W_t>
 void encode_dense_impl(const EncodeArgs& a) {
   const int64_t N = a.xc.size(0), d = a.xc.size(1), K = a.kmax, Fl = a.W_enc.size(0);
@@ -546,13 +660,22 @@ void encode_dense_impl(const EncodeArgs& a) {
   for (int64_t f = 0; f < Fl; ++f) bias[f] = keep[f] ? b_enc[f] : kNegInf;
   bool use_edges = false;
   for (int64_t f = 0; pidx && child_ptr && f < Fl && !use_edges; ++f) use_edges = edge[f] != 0.f;
+  // The screen pays when the M candidates are a small part of the level: scoring a candidate again
+  // gathers its row (about 100 ns at d=768 here) where the bfloat16 GEMM saves about 6 ns per feature
+  // (bench/bench_screen.py). d < 2^16 keeps gamma_d small.
+  const int64_t M = std::min(Fl, 2 * K + 16);
+  const bool screen = a.screen && std::is_same<W_t, float>::value && a.xc.scalar_type() == at::kFloat &&
+                      !use_edges && Fl >= 16 * M && d < (int64_t(1) << 16);
+  const ScreenBounds sb = screen ? screen_bounds(xc, N, reinterpret_cast<const float*>(W), Fl, d, b_enc, keep)
+                                 : ScreenBounds{};
+  const int64_t kept_per_row = screen ? M : K;
 
   const int64_t row_blocks = (N + kDenseRows - 1) / kDenseRows;
   const int64_t tiles = (Fl + kDenseTile - 1) / kDenseTile;
   const int64_t splits = std::min(tiles, std::max<int64_t>(1, at::get_num_threads() / row_blocks));
   // The best K of every (row, feature split), best first; a row is written once all its splits are in.
   std::vector<std::vector<Candidate>> parts(N * splits);
-  const int64_t capacity = TopKBuffer::capacity_for(K);
+  const int64_t capacity = TopKBuffer::capacity_for(kept_per_row);
   int64_t* out_idx = a.idx.data_ptr<int64_t>();
   float* out_score = a.scores.data_ptr<float>();
   int64_t* out_slot = a.parent_slot.data_ptr<int64_t>();
@@ -572,6 +695,8 @@ void encode_dense_impl(const EncodeArgs& a) {
     const Tensor tile_buffer = at::empty({kDenseRows, kDenseTile}, at::kFloat);  // 64-byte aligned
     float* tile = tile_buffer.data_ptr<float>();
     std::vector<float> w_tile(std::is_same<W_t, float>::value || gemm_bf16 ? 0 : kDenseTile * d);
+    // The screen's bfloat16 GEMM output.
+    const Tensor s_tile_bf16 = at::empty({screen ? kDenseRows * kDenseTile : 0}, at::kBFloat16);
     // Per row of the block, the (local feature, edge_weight * parent value) pairs of its active
     // parents' children, sorted by feature so each tile consumes a contiguous run.
     std::vector<std::vector<std::pair<int64_t, float>>> bonus(use_edges ? kDenseRows : 0);
@@ -584,7 +709,7 @@ void encode_dense_impl(const EncodeArgs& a) {
     const int64_t tile0 = tiles * split / splits, tile1 = tiles * (split + 1) / splits;
     std::vector<TopKBuffer> tops;
     for (int64_t r = 0; r < rows; ++r)
-      tops.emplace_back(buffer_s.data() + r * capacity, buffer_k.data() + r * capacity, K, &scratch);
+      tops.emplace_back(buffer_s.data() + r * capacity, buffer_k.data() + r * capacity, kept_per_row, &scratch);
     std::fill(cursor.begin(), cursor.end(), 0);
     for (int64_t r = 0; r < rows && use_edges; ++r) {
       bonus[r].clear();
@@ -601,6 +726,18 @@ void encode_dense_impl(const EncodeArgs& a) {
     const Tensor x_blk = at::from_blob(const_cast<float*>(xc + r0 * d), {rows, d}, at::kFloat);
     for (int64_t t = tile0; t < tile1; ++t) {
       const int64_t f0 = t * kDenseTile, T = std::min(kDenseTile, Fl - f0);
+      if (screen) {
+        BFloat16* sbf = s_tile_bf16.data_ptr<BFloat16>();
+        Tensor s_blk = at::from_blob(sbf, {rows, T}, at::kBFloat16);
+        at::mm_out(s_blk, sb.xb.narrow(0, r0, rows),
+                   at::from_blob(const_cast<BFloat16*>(sb.wb + f0 * d), {T, d}, at::kBFloat16).t());
+        for (int64_t r = 0; r < rows; ++r) {
+          screen_upper_bounds(sbf + r * T, sb.w_lo_norm.data() + f0, sb.w_norm.data() + f0, ScreenBounds::kKappa,
+                              sb.a[r0 + r], sb.c[r0 + r], T, tile + r * T);
+          tops[r].offer(tile + r * T, sb.bias_up.data() + f0, T, static_cast<int32_t>(f0));
+        }
+        continue;
+      }
       if (gemm_bf16) {
         mkl_gemm_bf16()(kCblasRowMajor, kCblasNoTrans, kCblasTrans, static_cast<int>(rows), static_cast<int>(T),
                         static_cast<int>(d), 1.f, a.xc.data_ptr<BFloat16>() + r0 * d, static_cast<int>(d),
@@ -620,10 +757,77 @@ void encode_dense_impl(const EncodeArgs& a) {
         tops[r].offer(srow, bias.data() + f0, T, static_cast<int32_t>(f0));
       }
     }
-    for (int64_t r = 0; r < rows; ++r) {
-      tops[r].finish(parts[(r0 + r) * splits + split]);
-      if (splits == 1) write_row(r0 + r);
+    if (!screen) {
+      for (int64_t r = 0; r < rows; ++r) {
+        tops[r].finish(parts[(r0 + r) * splits + split]);
+        if (splits == 1) write_row(r0 + r);
+      }
+      return;
     }
+    // Each row's candidates scored exactly; its K best are proven when the M-th best bound is below
+    // the K-th best exact score (or fewer than M features had a finite bound: all were kept).
+    const float* Wf = reinterpret_cast<const float*>(W);
+    std::vector<Candidate> kept;
+    std::vector<int64_t> ids;
+    std::vector<float> exact;
+    auto rescore = [&](int64_t n, int64_t count, std::vector<Candidate>& out) {  // ids[0..count) -> out, best K
+      exact.resize(count);
+      dot_rows(xc + n * d, Wf, d, ids.data(), count, exact.data());
+      out.clear();
+      for (int64_t i = 0; i < count; ++i) {
+        const float v = exact[i] + bias[ids[i]];  // as offer() adds it
+        if (v > kNegInf) out.push_back({v, static_cast<int32_t>(ids[i])});
+      }
+      const int64_t best = std::min<int64_t>(K, out.size());
+      std::partial_sort(out.begin(), out.begin() + best, out.end(), better);
+      out.resize(best);
+    };
+    std::vector<int64_t> unsettled;  // rows of the block
+    std::vector<float> floors;       // their K-th best exact score so far (-inf with fewer than K)
+    for (int64_t r = 0; r < rows; ++r) {
+      std::vector<Candidate>& out = parts[(r0 + r) * splits + split];
+      const int64_t count = tops[r].finish(kept);
+      ids.resize(count);
+      for (int64_t i = 0; i < count; ++i) ids[i] = kept[i].key;
+      rescore(r0 + r, count, out);
+      const bool full = static_cast<int64_t>(out.size()) == K;
+      if (!(count < M || (full && kept[M - 1].score < out[K - 1].score))) {
+        unsettled.push_back(r);
+        floors.push_back(full ? out[K - 1].score : kNegInf);
+      }
+    }
+    g_screened_rows.fetch_add(rows, std::memory_order_relaxed);
+    g_screen_fallbacks.fetch_add(static_cast<int64_t>(unsettled.size()), std::memory_order_relaxed);
+    // A second pass over the unsettled rows (near-equal scores at their cut): every feature whose bound
+    // reaches the row's floor is scored exactly. A feature below it scores below the floor, and the
+    // floor is the K-th best exact score of features that are all among the new candidates.
+    if (!unsettled.empty()) {
+      const int64_t R = static_cast<int64_t>(unsettled.size());
+      const Tensor x_rows = at::empty({R, d}, at::kBFloat16);
+      for (int64_t i = 0; i < R; ++i)
+        std::memcpy(x_rows.data_ptr<BFloat16>() + i * d, sb.xb.data_ptr<BFloat16>() + (r0 + unsettled[i]) * d,
+                    d * sizeof(BFloat16));
+      const Tensor s_rows = at::empty({R, kDenseTile}, at::kBFloat16);
+      std::vector<std::vector<int64_t>> found(R);
+      for (int64_t t = tile0; t < tile1; ++t) {
+        const int64_t f0 = t * kDenseTile, T = std::min(kDenseTile, Fl - f0);
+        Tensor s_blk = at::from_blob(s_rows.data_ptr<BFloat16>(), {R, T}, at::kBFloat16);
+        at::mm_out(s_blk, x_rows, at::from_blob(const_cast<BFloat16*>(sb.wb + f0 * d), {T, d}, at::kBFloat16).t());
+        for (int64_t i = 0; i < R; ++i) {
+          const int64_t n = r0 + unsettled[i];
+          float* bound = tile;  // the block's float tile is free now
+          screen_upper_bounds(s_rows.data_ptr<BFloat16>() + i * T, sb.w_lo_norm.data() + f0, sb.w_norm.data() + f0,
+                              ScreenBounds::kKappa, sb.a[n], sb.c[n], T, bound);
+          for (int64_t j = 0; j < T; ++j)
+            if (bound[j] + sb.bias_up[f0 + j] >= floors[i]) found[i].push_back(f0 + j);  // as offer() adds it
+        }
+      }
+      for (int64_t i = 0; i < R; ++i) {
+        ids = std::move(found[i]);
+        rescore(r0 + unsettled[i], static_cast<int64_t>(ids.size()), parts[(r0 + unsettled[i]) * splits + split]);
+      }
+    }
+    for (int64_t r = 0; r < rows && splits == 1; ++r) write_row(r0 + r);
   });
   if (splits > 1) {
     for_each_chunk(N, 16, [&](int64_t n0, int64_t n1) {
@@ -1027,6 +1231,12 @@ void release_gradient_pool() { GradientPool::instance().release(); }
 int64_t gradient_pool_bytes() { return static_cast<int64_t>(GradientPool::instance().cached_bytes()); }
 
 // ------------------------------------------------------------------------------------ entry points
+std::vector<int64_t> screen_stats(bool reset) {
+  const std::vector<int64_t> out = {g_screened_rows.load(), g_screen_fallbacks.load()};
+  if (reset) g_screened_rows = 0, g_screen_fallbacks = 0;
+  return out;
+}
+
 void encode_forward(const EncodeArgs& args) {
   if (args.kmax == 0 || args.xc.size(0) == 0) return;
   const bool bf16 = args.W_enc.scalar_type() == at::kBFloat16;

@@ -21,7 +21,13 @@ struct EncodeArgs {
   int64_t max_children, kmax;
   bool routed;
   at::Tensor idx, scores, parent_slot;  // (N, kmax) outputs
+  // A float32 dense level may run its GEMM in bfloat16 and score its candidates again in float32
+  // (hsae_cpu.cpp, "The bfloat16 screen"): the same result as the float32 GEMM's, proven per row.
+  bool screen = false;
 };
+
+// Rows the bfloat16 screen scored since the last call, and how many of them it had to score in full.
+std::vector<int64_t> screen_stats(bool reset);
 
 struct EncodeGrads {
   at::Tensor g_scores, idx, parent_slot, xc, W_enc, edge_weight;

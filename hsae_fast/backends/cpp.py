@@ -32,13 +32,18 @@ NAME = "cpp"
 # Options the backward passes take natively (see encode_backward and decode_backward); the ops do
 # the same for other backends after the fact.
 BACKWARD_OPTIONS = ("row_grads", "grad_active_only")
+# Options its encode_forward takes: screen=False keeps a level off the bfloat16 screen (`bf16_screen`).
+FORWARD_OPTIONS = ("screen",)
 _CSRC = Path(__file__).resolve().parents[2] / "csrc"
 _module = None
 _status: Optional[tuple[bool, str]] = None
 # What this file calls in the module: a build without one of them is stale and not used.
 _ENTRY_POINTS = ("encode_forward", "encode_backward", "decode_forward", "decode_backward", "pooled_gradient",
-                 "release_gradient_pool", "gradient_pool_bytes", "grad_sq_norm", "adamw_rows", "abi_version")
-_ABI_VERSION = 3  # csrc/bindings.cpp's abi_version(): the argument lists this file passes
+                 "release_gradient_pool", "gradient_pool_bytes", "grad_sq_norm", "adamw_rows", "abi_version",
+                 "screen_stats")
+_ABI_VERSION = 4  # csrc/bindings.cpp's abi_version(): the argument lists this file passes
+# HSAE_CPU_BF16_SCREEN: "auto" (default), "1" or "0"; see `bf16_screen`.
+SCREEN_ENV = "HSAE_CPU_BF16_SCREEN"
 
 
 def _load_jit():
@@ -132,9 +137,35 @@ def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.contiguous()
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), so torch's bfloat16 GEMM
+    (oneDNN) runs 2-3x the float32 one's speed."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def bf16_screen() -> bool:
+    """Whether float32 dense levels (a flat SAE, a tree's top level, AuxK's dead features) take the
+    bfloat16 screen (csrc/hsae_cpu.cpp, "The bfloat16 screen"): a bfloat16 GEMM bounds every
+    float32 score, and each token's few candidates are scored again in float32. The selection and the
+    scores are the float32 GEMM's (up to the order of float32 sums), proven per token; a token the
+    bound cannot settle is scored in full. `HSAE_CPU_BF16_SCREEN`: "auto" (default) takes it where the
+    CPU multiplies bfloat16 natively, "1" always (slower without native bfloat16; for tests), "0" never."""
+    mode = os.environ.get(SCREEN_ENV, "auto").strip().lower()
+    if mode not in ("auto", "1", "0"):
+        raise ValueError(f"{SCREEN_ENV}={mode!r}: expected auto, 1 or 0")
+    return mode == "1" or (mode == "auto" and native_bf16())
+
+
+def screen_stats(reset: bool = False) -> tuple[int, int]:
+    """(tokens screened, tokens the screen scored in full) since the last reset, over all levels; a
+    token whose level was split across threads (few tokens) counts once per part."""
+    screened, full = _ext().screen_stats(reset)
+    return int(screened), int(full)
+
+
 def encode_forward(xc, W_enc, b_enc, edge_weight, path_mask, parent, parent_idx, parent_vals, child_ptr, child_ids,
-                   max_children: int, kmax: int, routed: bool):
-    """See `torch_sparse.encode_forward`."""
+                   max_children: int, kmax: int, routed: bool, screen: bool = True):
+    """See `torch_sparse.encode_forward`. `screen=False`: never the bfloat16 screen (see `bf16_screen`)."""
     if W_enc.dtype == torch.float64:
         return torch_sparse.encode_forward(xc, W_enc, b_enc, edge_weight, path_mask, parent, parent_idx, parent_vals,
                                            child_ptr, child_ids, max_children, kmax, routed)
@@ -147,7 +178,8 @@ def encode_forward(xc, W_enc, b_enc, edge_weight, path_mask, parent, parent_idx,
     _ext().encode_forward(
         xc_in, _weights(W_enc), _f32(b_enc), _f32(edge_weight), path_mask.contiguous(), parent.contiguous(),
         _contiguous(parent_idx), _f32(parent_vals), _contiguous(child_ptr), _contiguous(child_ids),
-        max_children, kmax, routed, idx, scores, parent_slot,
+        max_children, kmax, routed, screen and not routed and W_enc.dtype == torch.float32 and bf16_screen(), idx,
+        scores, parent_slot,
     )
     return idx, scores, parent_slot
 

@@ -50,10 +50,15 @@ def dead_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, dead_ids: Tensor, k: int
     _check_ids(dead_ids, W_enc.shape[0])
     if not 1 <= k <= n:
         raise ValueError(f"dead_topk: k={k} must lie in [1, {n}] (the number of dead features)")
-    local, scores, _ = get_backend(backend).encode_forward(
+    impl = get_backend(backend)
+    # Not the cpp backend's bfloat16 screen: its candidates would be 2 k_aux of a few thousand dead
+    # features, whose scores crowd together as AuxK pulls them all toward the same residuals; scoring
+    # those again costs what the bfloat16 GEMM saves (bench/bench_screen.py: 0.86-0.97x).
+    options = {"screen": False} if "screen" in getattr(impl, "FORWARD_OPTIONS", ()) else {}
+    local, scores, _ = impl.encode_forward(
         xc, W_enc.index_select(0, dead_ids), b_enc.index_select(0, dead_ids), b_enc.new_zeros(n),
         torch.ones(n, dtype=torch.bool, device=xc.device), torch.full((n,), -1, dtype=torch.int64, device=xc.device),
-        None, None, None, None, 0, k, False,
+        None, None, None, None, 0, k, False, **options,
     )
     return scores, local
 
