@@ -6,8 +6,7 @@ backend's counters that the screen (and, where meant, its full-scoring fallback)
 import pytest
 import torch
 
-from helpers import (SELECTION_TOLERANCE, assert_close, assert_close_to_reference, case_seed, needs_cpp,
-                     random_layer)
+from helpers import SELECTION_TOLERANCE, assert_close_to_reference, case_seed, needs_cpp, random_layer
 from hsae_fast import HSAEConfig
 from hsae_fast.backends import cpp, torch_sparse
 from hsae_fast.backends.common import poisoned_outputs
