@@ -767,7 +767,6 @@ void encode_dense_impl(const EncodeArgs& a) {
     // Each row's candidates scored exactly; its K best are proven when the M-th best bound is below
     // the K-th best exact score (or fewer than M features had a finite bound: all were kept).
     const float* Wf = reinterpret_cast<const float*>(W);
-    std::vector<Candidate> kept;
     std::vector<int64_t> ids;
     std::vector<float> exact;
     auto rescore = [&](int64_t n, int64_t count, std::vector<Candidate>& out) {  // ids[0..count) -> out, best K
@@ -784,13 +783,46 @@ void encode_dense_impl(const EncodeArgs& a) {
     };
     std::vector<int64_t> unsettled;  // rows of the block
     std::vector<float> floors;       // their K-th best exact score so far (-inf with fewer than K)
+    // The block's candidates scored feature by feature: each candidate row of W is read once for all
+    // the tokens that have it (rows x M reads of scattered rows would be most of the rescoring's
+    // time). dot_rows sums a pair in the same order either way round, so the scores are the bits
+    // rescore() gives.
+    std::vector<std::vector<Candidate>> kept_rows(rows);
+    std::vector<int64_t> group_start(Fl + 1, 0);
+    for (int64_t r = 0; r < rows; ++r) {
+      tops[r].finish(kept_rows[r]);
+      for (const Candidate& c : kept_rows[r]) ++group_start[c.key + 1];
+    }
+    for (int64_t f = 0; f < Fl; ++f) group_start[f + 1] += group_start[f];
+    const int64_t pairs = group_start[Fl];
+    std::vector<int64_t> pair_token(pairs), pair_slot(pairs);  // by feature: the token, and r * M + i
+    {
+      std::vector<int64_t> fill(group_start.begin(), group_start.end() - 1);
+      for (int64_t r = 0; r < rows; ++r)
+        for (size_t i = 0; i < kept_rows[r].size(); ++i) {
+          const int64_t at = fill[kept_rows[r][i].key]++;
+          pair_token[at] = r0 + r, pair_slot[at] = r * M + static_cast<int64_t>(i);
+        }
+    }
+    std::vector<float> pair_exact(pairs), slot_exact(rows * M);
+    for (int64_t f = 0; f < Fl; ++f) {
+      const int64_t b = group_start[f], m = group_start[f + 1] - b;
+      if (m) dot_rows(Wf + f * d, xc, d, pair_token.data() + b, m, pair_exact.data() + b);
+    }
+    for (int64_t p = 0; p < pairs; ++p) slot_exact[pair_slot[p]] = pair_exact[p];
     for (int64_t r = 0; r < rows; ++r) {
       std::vector<Candidate>& out = parts[(r0 + r) * splits + split];
-      const int64_t count = tops[r].finish(kept);
-      ids.resize(count);
-      for (int64_t i = 0; i < count; ++i) ids[i] = kept[i].key;
-      rescore(r0 + r, count, out);
-      const bool full = static_cast<int64_t>(out.size()) == K;
+      const std::vector<Candidate>& kept = kept_rows[r];
+      const int64_t count = static_cast<int64_t>(kept.size());
+      out.clear();
+      for (int64_t i = 0; i < count; ++i) {
+        const float v = slot_exact[r * M + i] + bias[kept[i].key];  // as offer() adds it
+        if (v > kNegInf) out.push_back({v, kept[i].key});
+      }
+      const int64_t best = std::min<int64_t>(K, out.size());
+      std::partial_sort(out.begin(), out.begin() + best, out.end(), better);
+      out.resize(best);
+      const bool full = best == K;
       if (!(count < M || (full && kept[M - 1].score < out[K - 1].score))) {
         unsettled.push_back(r);
         floors.push_back(full ? out[K - 1].score : kNegInf);
