@@ -661,11 +661,13 @@ void encode_dense_impl(const EncodeArgs& a) {
   bool use_edges = false;
   for (int64_t f = 0; pidx && child_ptr && f < Fl && !use_edges; ++f) use_edges = edge[f] != 0.f;
   // The screen pays when the M candidates are a small part of the level: scoring a candidate again
-  // gathers its row (about 100 ns at d=768 here) where the bfloat16 GEMM saves about 6 ns per feature
-  // (bench/bench_screen.py). d < 2^16 keeps gamma_d small.
+  // gathers its row (about 100 ns at d=768 here) where the bfloat16 GEMM saves about 6 ns per feature,
+  // and a token whose cut its candidates cannot settle costs a second pass (bench/bench_screen.py; a
+  // trained flat SAE on Gemma activations, F = 56 M, needed one for 14% of tokens and gained nothing
+  // in the step). d < 2^16 keeps gamma_d small.
   const int64_t M = std::min(Fl, 2 * K + 16);
   const bool screen = a.screen && std::is_same<W_t, float>::value && a.xc.scalar_type() == at::kFloat &&
-                      !use_edges && Fl >= 16 * M && d < (int64_t(1) << 16);
+                      !use_edges && Fl >= 32 * M && d < (int64_t(1) << 16);
   const ScreenBounds sb = screen ? screen_bounds(xc, N, reinterpret_cast<const float*>(W), Fl, d, b_enc, keep)
                                  : ScreenBounds{};
   const int64_t kept_per_row = screen ? M : K;

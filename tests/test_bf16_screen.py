@@ -62,7 +62,7 @@ def assert_exact_selection(got, xc, W, b, keep, K):
 
 # (N, d, F, K): one token (the features split across threads), more tokens than one 512-row block,
 # tiny and wide d, K=1, F not a multiple of the 512-feature tile.
-SHAPES = [(1, 67, 1537, 8), (37, 3, 300, 1), (600, 67, 1000, 12), (5, 768, 2500, 37), (64, 130, 900, 20)]
+SHAPES = [(1, 67, 1537, 8), (37, 3, 600, 1), (600, 67, 1300, 12), (5, 768, 3000, 37), (64, 130, 1900, 20)]
 
 
 @pytest.mark.parametrize("N,d,F,K", SHAPES, ids=lambda v: str(v))
@@ -103,12 +103,13 @@ def test_features_the_bfloat16_gemm_underrates_are_still_found(rounded, screen):
     decoys have smaller ids, so they win every tie of bounds, and a third coordinate cancels most of
     the score, so the bound of the GEMM's output rounding (relative to the score) cannot cover the
     lost 0.49 step: only the |x~| |w_lo| or the |x_lo| |w| term keeps the winners among the candidates."""
-    N, d, F, K = 4, 16, 400, 2
+    N, d, F, K = 4, 16, 700, 2
     half_step = 0.49 * 2.0**-7  # of bfloat16 at 1
     x = torch.zeros(N, d)
     x[:, :3] = torch.tensor([1.0 + (half_step if rounded == "tokens" else 0.0), 1.0, -1.0])
     W = torch.zeros(F, d)
-    W[:, :3] = torch.tensor([-1.0, -1.0, 1.0])  # fillers
+    W[:, :3] = torch.tensor([-1.0, -1.0, 1.0])  # fillers, 0.1 apart (well beyond the bound): provable
+    W[:, 0] -= 0.1 * torch.arange(F)
     W[:100, :3] = torch.tensor([0.0, 2.0**-5 + 9 * 2.0**-12, 0.0])  # decoys: bfloat16 values, score 2^-5 + 9 2^-12
     # winners: 2^-5 + 15.7 2^-12 exactly, 2^-5 in bfloat16
     W[200:202, :3] = torch.tensor([1.0 + (half_step if rounded == "weights" else 0.0), 2.0**-5, 1.0])
@@ -128,7 +129,7 @@ def test_the_gemm_output_rounding_is_bounded(screen):
     """Every weight and token element is a bfloat16 value, but the GEMM's bfloat16 output rounds both
     the winners' 1 + 0.375 step and the decoys' 1 + 0.125 step to 1: without the bound on that
     rounding, the decoys (smaller ids) would be kept and proven best."""
-    N, d, F, K = 3, 8, 400, 2
+    N, d, F, K = 3, 8, 700, 2
     x = torch.zeros(N, d)
     x[:, :2] = 1.0
     W = torch.zeros(F, d)
@@ -145,7 +146,7 @@ def test_the_gemm_output_rounding_is_bounded(screen):
 
 
 def test_non_finite_weights_are_never_selected(screen):
-    xc, W, b, keep = dense_inputs(20, 33, 600, case_seed("nan"), prune=0.0)
+    xc, W, b, keep = dense_inputs(20, 33, 1000, case_seed("nan"), prune=0.0)
     W[7, 3] = float("nan")
     keep[7] = False  # the exact reference's selection must not see the NaN row either
     screen("1")
@@ -156,7 +157,7 @@ def test_non_finite_weights_are_never_selected(screen):
 
 @pytest.mark.parametrize("selection", ["token", "batch"])
 # Big enough that the dense level is screened with batch selection's 4k candidates too.
-@pytest.mark.parametrize("level_sizes,k", [((2000,), (12,)), ((5600, 1400, 700), (12, 6, 3))], ids=["flat", "tree"])
+@pytest.mark.parametrize("level_sizes,k", [((3600,), (12,)), ((10240, 2560, 1280), (12, 6, 3))], ids=["flat", "tree"])
 @pytest.mark.parametrize("gating", ["hard", "none"])
 def test_layer_forward_and_gradients_with_the_screen(level_sizes, k, gating, selection, screen):
     if len(level_sizes) == 1 and gating == "none":
@@ -203,7 +204,7 @@ def test_bit_identical_run_to_run_and_across_thread_counts(screen):
 def test_small_levels_and_routed_levels_are_not_screened(screen):
     screen("1")
     xc, W, b, keep = dense_inputs(10, 20, 100, case_seed("small"))
-    encode_dense(xc, W, b, keep, 20)  # 4 * (2K + 16) > F: the candidates would be most of the level
+    encode_dense(xc, W, b, keep, 20)  # 32 * (2K + 16) > F: the candidates would be a large part of the level
     assert cpp.screen_stats() == (0, 0)
 
 
