@@ -7,7 +7,8 @@ The screen (csrc/hsae_cpu.cpp, "The bfloat16 screen"; `hsae_fast.backends.cpp.bf
 the float32 GEMM's selection and scores, proven per token, at the speed of a bfloat16 GEMM. Each
 candidate runs with HSAE_CPU_BF16_SCREEN set to 1 ("screen") or 0 ("float32 GEMM") for its calls:
 - `encode`: one dense level's encode alone (the flat SAE's forward minus its decode), token selection
-  k=32 and batch selection (k=32, cap 4: 128 candidates per token);
+  k=32 and batch selection (k=32, cap 4: 128 candidates per token), float32; and token k=32 with
+  bfloat16 tokens and weights (without the screen: MKL's bfloat16 GEMM, float32 sums);
 - `step`: the trainer's step (forward, backward of the MSE, `MaskedAdamW.update` with row gradients)
   of the flat SAE (k=32, batch selection), issue 10's wide tree and the SPEC default tree (k 20/8/4);
 - `step, AuxK p dead`: that step with AuxK's loss on a random fraction p of dead features, which
@@ -97,7 +98,8 @@ def main() -> None:
 
     W = torch.randn(args.f, args.d, generator=gen) / args.d**0.5
     b = torch.randn(args.f, generator=gen) * 0.1
-    enc = [encode_call("encode, token k=32", x, W, b, 32), encode_call("encode, batch k=32 (128 candidates)", x, W, b, 128)]
+    enc = [encode_call("encode, token k=32", x, W, b, 32), encode_call("encode, batch k=32 (128 candidates)", x, W, b, 128),
+           encode_call("encode, token k=32, bfloat16 tokens and weights", x.bfloat16(), W.bfloat16(), b, 32)]
     print("\n" + "\n".join(table(paired_samples(enc, args), [t.name for t in enc])))
     del W, b, enc
 

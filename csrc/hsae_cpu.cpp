@@ -149,7 +149,7 @@ inline const float* as_floats(const BFloat16* src, float* buffer, int64_t count)
 }
 
 // ------------------------------------------------------------------------------------ bfloat16 screen
-// A float32 dense level scored at bfloat16 GEMM speed with the float32 answer (see encode_dense_impl):
+// A dense level scored at bfloat16 GEMM speed with the float32-sum answer (see encode_dense_impl):
 // x and W rounded to bfloat16 (round to nearest even, as c10::BFloat16 does), one GEMM, then an upper
 // bound of every float32 score from the bfloat16 one, which picks the few candidates to score again
 // exactly. These are the bounds' pieces.
@@ -186,6 +186,16 @@ HSAE_VECTOR_CLONES void narrow_with_norms(const float* v, int64_t n, BFloat16* o
   }
   *norm = std::sqrt(reduce_lanes(acc));
   *rounding_norm = std::sqrt(reduce_lanes(acc_lo));
+}
+
+// *norm = |v| for one row of n bfloat16 values (lane sums).
+HSAE_VECTOR_CLONES void bf16_row_norm(const BFloat16* v, int64_t n, float* norm) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) acc[l] += load(v, i + l) * load(v, i + l);
+  for (int64_t l = 0; i + l < n; ++l) acc[l] += load(v, i + l) * load(v, i + l);
+  *norm = std::sqrt(reduce_lanes(acc));
 }
 
 // out[j] = s[j] + kappa |s[j]| + a lo[j] + c hi[j]: s the bfloat16 GEMM's (rounded) score, lo and hi
@@ -574,21 +584,24 @@ void write_dense_row(const std::vector<Candidate>& best, int64_t n, int64_t K, c
   }
 }
 
-// The bfloat16 screen of a float32 level (EncodeArgs::screen). With x~, w~ the bfloat16 roundings of a
-// token and a feature row, x_lo = x - x~ and w_lo = w - w~ (exactly), x.w = x~.w~ + x~.w_lo + x_lo.w, so
+// The bfloat16 screen of a dense level (EncodeArgs::screen). With x~, w~ the bfloat16 roundings of a
+// token and a feature row, x_lo = x - x~ and w_lo = w - w~ (exactly; 0 where the input is bfloat16
+// already), x.w = x~.w~ + x~.w_lo + x_lo.w, so
 //   |x.w - x~.w~| <= |x~| |w_lo| + |x_lo| |w|   (Cauchy-Schwarz; |x_lo| <= 2^-8 |x| per element).
 // The GEMM sums x~.w~ in float32 (products of bfloat16 values are exact in float32) and rounds the sum
 // to bfloat16 (relative error under 2^-8): s' with |s' - x~.w~| <= kappa |s'| + gamma_d |x~| |w~|.
 // The exact score the level selects by is s = fl32(dot(x, w)) + b (dot_rows' fixed order, within
-// gamma_d |x| |w| of x.w). So every s is at most
+// gamma_d |x| |w| of x.w; for bfloat16 inputs the float32 sum of their exact products, what the
+// float32-accumulating bfloat16 GEMM computes). So every s is at most
 //   U = s' + kappa |s'| + a |w_lo| + c |w| + b (1 + 2^-20 sign b)
 // with a = |x~| and c = |x_lo| + (3 gamma_d + 2^-20) |x|, both scaled by 1 + 2^-10 + 2 gamma_d for the
 // float32 rounding of the norms and of U itself. Each row keeps the M best U; all other features
 // have U <= the M-th best U, so if that is below the K-th best exact score among the kept, the K best
 // of the kept, scored exactly, are the K best of the level: the same set, the same scores and the same
-// order as scoring every feature in float32. Otherwise (a row of near-equal scores) the row is
-// scored exactly in full. Typical scores spread as |x| |w| / sqrt(d); the bound is about 2^-8 |x| |w|,
-// so only features within a few hundredths of that spread of the K-th join the K best.
+// order as scoring every feature with float32 sums. Otherwise (near-equal scores at the row's cut) a
+// second pass scores every feature whose bound reaches the row's K-th exact score. Typical scores
+// spread as |x| |w| / sqrt(d); the bound is about 2^-8 |x| |w|, so only features within a few
+// hundredths of that spread of the K-th join the K best.
 struct ScreenBounds {
   static constexpr float kKappa = 1.f / 256.f + 1.f / 16384.f;
   std::vector<float> w_norm, w_lo_norm;  // per feature of the level
@@ -599,7 +612,10 @@ struct ScreenBounds {
   const BFloat16* wb = nullptr;
 };
 
-ScreenBounds screen_bounds(const float* xc, int64_t N, const float* W, int64_t Fl, int64_t d, const float* b_enc,
+// float32 weights are rounded into a pooled bfloat16 copy; bfloat16 weights are used as they are
+// (w_lo = 0), and so are bfloat16 tokens (x_lo comes out 0).
+template <typename W_t>
+ScreenBounds screen_bounds(const float* xc, int64_t N, const W_t* W, int64_t Fl, int64_t d, const float* b_enc,
                            const bool* keep) {
   ScreenBounds sb;
   const double gamma = d * std::ldexp(1.0, -24) / (1.0 - d * std::ldexp(1.0, -24));
@@ -607,14 +623,24 @@ ScreenBounds screen_bounds(const float* xc, int64_t N, const float* W, int64_t F
   const float c_abs = static_cast<float>(3 * gamma + std::ldexp(1.0, -20));
   sb.w_norm.resize(Fl), sb.w_lo_norm.resize(Fl), sb.bias_up.resize(Fl), sb.a.resize(N), sb.c.resize(N);
   sb.xb = at::empty({N, d}, at::kBFloat16);
-  // The bfloat16 weights are as big as a gradient and made every step: pooled like one (no page faults).
-  const int64_t floats = (Fl * d + 1) / 2;
-  sb.wb_storage = floats * 4 >= (int64_t(4) << 20) ? pooled_gradient({floats}) : at::empty({floats}, at::kFloat);
-  BFloat16* wb = reinterpret_cast<BFloat16*>(sb.wb_storage.data_ptr<float>());
-  sb.wb = wb;
+  BFloat16* wb = nullptr;
+  if constexpr (std::is_same<W_t, float>::value) {
+    // The bfloat16 weights are as big as a gradient and made every step: pooled like one (no page faults).
+    const int64_t floats = (Fl * d + 1) / 2;
+    sb.wb_storage = floats * 4 >= (int64_t(4) << 20) ? pooled_gradient({floats}) : at::empty({floats}, at::kFloat);
+    wb = reinterpret_cast<BFloat16*>(sb.wb_storage.data_ptr<float>());
+    sb.wb = wb;
+  } else {
+    sb.wb = W;
+  }
   for_each_chunk(Fl, 256, [&](int64_t f0, int64_t f1) {
     for (int64_t f = f0; f < f1; ++f) {
-      narrow_with_norms(W + f * d, d, wb + f * d, &sb.w_norm[f], &sb.w_lo_norm[f]);
+      if constexpr (std::is_same<W_t, float>::value) {
+        narrow_with_norms(W + f * d, d, wb + f * d, &sb.w_norm[f], &sb.w_lo_norm[f]);
+      } else {
+        bf16_row_norm(W + f * d, d, &sb.w_norm[f]);
+        sb.w_lo_norm[f] = 0.f;
+      }
       sb.bias_up[f] = keep[f] ? b_enc[f] + std::fabs(b_enc[f]) * 0x1p-20f : kNegInf;
     }
   });
@@ -666,10 +692,8 @@ void encode_dense_impl(const EncodeArgs& a) {
   // trained flat SAE on Gemma activations, F = 56 M, needed one for 14% of tokens and gained nothing
   // in the step). d < 2^16 keeps gamma_d small.
   const int64_t M = std::min(Fl, 2 * K + 16);
-  const bool screen = a.screen && std::is_same<W_t, float>::value && a.xc.scalar_type() == at::kFloat &&
-                      !use_edges && Fl >= 32 * M && d < (int64_t(1) << 16);
-  const ScreenBounds sb = screen ? screen_bounds(xc, N, reinterpret_cast<const float*>(W), Fl, d, b_enc, keep)
-                                 : ScreenBounds{};
+  const bool screen = a.screen && !use_edges && Fl >= 32 * M && d < (int64_t(1) << 16);
+  const ScreenBounds sb = screen ? screen_bounds(xc, N, W, Fl, d, b_enc, keep) : ScreenBounds{};
   const int64_t kept_per_row = screen ? M : K;
 
   const int64_t row_blocks = (N + kDenseRows - 1) / kDenseRows;
@@ -768,12 +792,12 @@ void encode_dense_impl(const EncodeArgs& a) {
     }
     // Each row's candidates scored exactly; its K best are proven when the M-th best bound is below
     // the K-th best exact score (or fewer than M features had a finite bound: all were kept).
-    const float* Wf = reinterpret_cast<const float*>(W);
     std::vector<int64_t> ids;
+    std::vector<float> w_row(std::is_same<W_t, float>::value ? 0 : d);
     std::vector<float> exact;
     auto rescore = [&](int64_t n, int64_t count, std::vector<Candidate>& out) {  // ids[0..count) -> out, best K
       exact.resize(count);
-      dot_rows(xc + n * d, Wf, d, ids.data(), count, exact.data());
+      dot_rows(xc + n * d, W, d, ids.data(), count, exact.data());
       out.clear();
       for (int64_t i = 0; i < count; ++i) {
         const float v = exact[i] + bias[ids[i]];  // as offer() adds it
@@ -809,7 +833,7 @@ void encode_dense_impl(const EncodeArgs& a) {
     std::vector<float> pair_exact(pairs), slot_exact(rows * M);
     for (int64_t f = 0; f < Fl; ++f) {
       const int64_t b = group_start[f], m = group_start[f + 1] - b;
-      if (m) dot_rows(Wf + f * d, xc, d, pair_token.data() + b, m, pair_exact.data() + b);
+      if (m) dot_rows(as_floats(W + f * d, w_row.data(), d), xc, d, pair_token.data() + b, m, pair_exact.data() + b);
     }
     for (int64_t p = 0; p < pairs; ++p) slot_exact[pair_slot[p]] = pair_exact[p];
     for (int64_t r = 0; r < rows; ++r) {

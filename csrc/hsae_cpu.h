@@ -21,8 +21,9 @@ struct EncodeArgs {
   int64_t max_children, kmax;
   bool routed;
   at::Tensor idx, scores, parent_slot;  // (N, kmax) outputs
-  // A float32 dense level may run its GEMM in bfloat16 and score its candidates again in float32
-  // (hsae_cpu.cpp, "The bfloat16 screen"): the same result as the float32 GEMM's, proven per row.
+  // A dense level may run its GEMM in bfloat16 (oneDNN, bfloat16 output) and score its candidates
+  // again with float32 sums (hsae_cpu.cpp, "The bfloat16 screen"): the same result as the float32-sum
+  // GEMM's, proven per row.
   bool screen = false;
 };
 

@@ -8,7 +8,7 @@ import torch
 
 from helpers import SELECTION_TOLERANCE, assert_close_to_reference, case_seed, needs_cpp, random_layer
 from hsae_fast import HSAEConfig
-from hsae_fast.backends import cpp, torch_sparse
+from hsae_fast.backends import cpp
 from hsae_fast.backends.common import poisoned_outputs
 from hsae_fast.losses import auxk_loss
 
@@ -65,9 +65,13 @@ def assert_exact_selection(got, xc, W, b, keep, K):
 SHAPES = [(1, 67, 1537, 8), (37, 3, 600, 1), (600, 67, 1300, 12), (5, 768, 3000, 37), (64, 130, 1900, 20)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("N,d,F,K", SHAPES, ids=lambda v: str(v))
-def test_screened_encode_is_the_exact_float32_selection(N, d, F, K, screen):
+def test_screened_encode_is_the_exact_float32_selection(N, d, F, K, dtype, screen):
+    """float32: the float32 scores; bfloat16 tokens and weights: their float32-sum scores (the
+    products of bfloat16 values are exact), to float32 precision either way."""
     xc, W, b, keep = dense_inputs(N, d, F, case_seed("screen", N, d, F, K))
+    xc, W = xc.to(dtype), W.to(dtype)
     screen("1")
     got = encode_dense(xc, W, b, keep, K)
     screened, _ = cpp.screen_stats()
@@ -155,16 +159,17 @@ def test_non_finite_weights_are_never_selected(screen):
     assert_exact_selection(got, xc, W.nan_to_num(), b, keep, 6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("selection", ["token", "batch"])
 # Big enough that the dense level is screened with batch selection's 4k candidates too.
 @pytest.mark.parametrize("level_sizes,k", [((3600,), (12,)), ((10240, 2560, 1280), (12, 6, 3))], ids=["flat", "tree"])
 @pytest.mark.parametrize("gating", ["hard", "none"])
-def test_layer_forward_and_gradients_with_the_screen(level_sizes, k, gating, selection, screen):
+def test_layer_forward_and_gradients_with_the_screen(level_sizes, k, gating, selection, dtype, screen):
     if len(level_sizes) == 1 and gating == "none":
         pytest.skip("a flat layer has no gating")
     cfg = HSAEConfig(d_model=67, level_sizes=level_sizes, k=k, gating=gating, selection=selection)
-    layer = random_layer(cfg, "cpp", torch.float32, case_seed("layer", level_sizes, gating, selection))
-    x = torch.randn(150, 67, generator=torch.Generator().manual_seed(case_seed("x", selection)))
+    layer = random_layer(cfg, "cpp", dtype, case_seed("layer", level_sizes, gating, selection))
+    x = torch.randn(150, 67, generator=torch.Generator().manual_seed(case_seed("x", selection))).to(dtype)
     screen("1")
     assert_close_to_reference(layer, x, selection)
     assert cpp.screen_stats()[0] >= 150, "the dense level was not screened"
@@ -219,13 +224,10 @@ def test_the_switch(monkeypatch):
         cpp.bf16_screen()
 
 
-def test_float64_and_bfloat16_weights_do_not_take_it(screen):
+def test_float64_does_not_take_it(screen):
     screen("1")
     xc, W, b, keep = dense_inputs(8, 30, 1000, case_seed("dtypes"))
     F = W.shape[0]
-    for dtype in (torch.float64, torch.bfloat16):
-        args = (xc.to(dtype), W.to(dtype), b, torch.zeros(F), keep, torch.full((F,), -1), None, None, None, None, 0, 4,
-                False)
-        (cpp if dtype == torch.bfloat16 else torch_sparse).encode_forward(*args)
-        cpp.encode_forward(*args)
+    args = (xc.double(), W.double(), b, torch.zeros(F), keep, torch.full((F,), -1), None, None, None, None, 0, 4, False)
+    assert_exact_selection(cpp.encode_forward(*args), xc.double(), W.double(), b, keep, 4)
     assert cpp.screen_stats() == (0, 0)

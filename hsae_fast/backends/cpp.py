@@ -144,12 +144,13 @@ def native_bf16() -> bool:
 
 
 def bf16_screen() -> bool:
-    """Whether float32 dense levels (a flat SAE, a tree's top level, AuxK's dead features) take the
-    bfloat16 screen (csrc/hsae_cpu.cpp, "The bfloat16 screen"): a bfloat16 GEMM bounds every
-    float32 score, and each token's few candidates are scored again in float32. The selection and the
-    scores are the float32 GEMM's (up to the order of float32 sums), proven per token; a token the
-    bound cannot settle is scored in full. `HSAE_CPU_BF16_SCREEN`: "auto" (default) takes it where the
-    CPU multiplies bfloat16 natively, "1" always (slower without native bfloat16; for tests), "0" never."""
+    """Whether large dense levels (a flat SAE, a tree's top level) take the bfloat16 screen
+    (csrc/hsae_cpu.cpp, "The bfloat16 screen"): a bfloat16 GEMM (oneDNN) bounds every float32-sum
+    score, and each token's few candidates are scored again with float32 sums. The selection and the
+    scores are those of the float32 GEMM (float32 weights) or of the float32-sum bfloat16 GEMM
+    (bfloat16 weights), up to the order of the float32 sums, proven per token; a token the bound cannot
+    settle gets a second pass. `HSAE_CPU_BF16_SCREEN`: "auto" (default) takes it where the CPU
+    multiplies bfloat16 natively, "1" always (slower without native bfloat16; for tests), "0" never."""
     mode = os.environ.get(SCREEN_ENV, "auto").strip().lower()
     if mode not in ("auto", "1", "0"):
         raise ValueError(f"{SCREEN_ENV}={mode!r}: expected auto, 1 or 0")
@@ -178,7 +179,7 @@ def encode_forward(xc, W_enc, b_enc, edge_weight, path_mask, parent, parent_idx,
     _ext().encode_forward(
         xc_in, _weights(W_enc), _f32(b_enc), _f32(edge_weight), path_mask.contiguous(), parent.contiguous(),
         _contiguous(parent_idx), _f32(parent_vals), _contiguous(child_ptr), _contiguous(child_ids),
-        max_children, kmax, routed, screen and not routed and W_enc.dtype == torch.float32 and bf16_screen(), idx,
+        max_children, kmax, routed, screen and not routed and bf16_screen(), idx,
         scores, parent_slot,
     )
     return idx, scores, parent_slot
