@@ -2,7 +2,8 @@
 
 Same signatures and semantics as the torch backend. float32 and bfloat16 weights are read as they
 are with float32 accumulation; float16 weights are upcast here (one copy per call); float64 runs
-the torch backend's functions (the exactness path). Outputs are allocated here with `new_output`,
+the torch backend's functions (the exactness path). Large dense levels may run their GEMM in
+bfloat16 and prove the float32-sum result per token (`bf16_screen`, `HSAE_CPU_BF16_SCREEN`). Outputs are allocated here with `new_output`,
 so poisoned-output tests see every element the C++ code fails to write.
 
 Which build is used (decided once per process):
