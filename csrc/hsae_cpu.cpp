@@ -796,17 +796,21 @@ void encode_dense_impl(const EncodeArgs& a) {
     std::vector<int64_t> ids;
     std::vector<float> w_row(std::is_same<W_t, float>::value ? 0 : d);
     std::vector<float> exact;
-    auto rescore = [&](int64_t n, int64_t count, std::vector<Candidate>& out) {  // ids[0..count) -> out, best K
-      exact.resize(count);
-      dot_rows(xc + n * d, W, d, ids.data(), count, exact.data());
+    // out = the best K of (dot + bias, id) over count candidates, as offer() would keep them.
+    auto best_of = [&](int64_t count, const float* dots, auto id_of, std::vector<Candidate>& out) {
       out.clear();
       for (int64_t i = 0; i < count; ++i) {
-        const float v = exact[i] + bias[ids[i]];  // as offer() adds it
-        if (v > kNegInf) out.push_back({v, static_cast<int32_t>(ids[i])});
+        const float v = dots[i] + bias[id_of(i)];
+        if (v > kNegInf) out.push_back({v, static_cast<int32_t>(id_of(i))});
       }
       const int64_t best = std::min<int64_t>(K, out.size());
       std::partial_sort(out.begin(), out.begin() + best, out.end(), better);
       out.resize(best);
+    };
+    auto rescore = [&](int64_t n, int64_t count, std::vector<Candidate>& out) {  // ids[0..count) -> out
+      exact.resize(count);
+      dot_rows(xc + n * d, W, d, ids.data(), count, exact.data());
+      best_of(count, exact.data(), [&](int64_t i) { return ids[i]; }, out);
     };
     std::vector<int64_t> unsettled;  // rows of the block
     std::vector<float> floors;       // their K-th best exact score so far (-inf with fewer than K)
@@ -841,15 +845,8 @@ void encode_dense_impl(const EncodeArgs& a) {
       std::vector<Candidate>& out = parts[(r0 + r) * splits + split];
       const std::vector<Candidate>& kept = kept_rows[r];
       const int64_t count = static_cast<int64_t>(kept.size());
-      out.clear();
-      for (int64_t i = 0; i < count; ++i) {
-        const float v = slot_exact[r * M + i] + bias[kept[i].key];  // as offer() adds it
-        if (v > kNegInf) out.push_back({v, kept[i].key});
-      }
-      const int64_t best = std::min<int64_t>(K, out.size());
-      std::partial_sort(out.begin(), out.begin() + best, out.end(), better);
-      out.resize(best);
-      const bool full = best == K;
+      best_of(count, slot_exact.data() + r * M, [&](int64_t i) { return int64_t(kept[i].key); }, out);
+      const bool full = static_cast<int64_t>(out.size()) == K;
       if (!(count < M || (full && kept[M - 1].score < out[K - 1].score))) {
         unsettled.push_back(r);
         floors.push_back(full ? out[K - 1].score : kNegInf);
