@@ -3,7 +3,7 @@
     python -m bench.bench_screen                       # F=65536, d=768, N=1024
     python -m bench.bench_screen --f 16384 --rounds 11
 
-The screen (csrc/hsae_cpu.cpp, "The bfloat16 screen"; `hsae_fast.backends.cpp.bf16_screen`) gives
+The screen (csrc/hsae_cpu.cpp, "The bfloat16 screen"; `hsae_fast.backends.cpp.screen_mode`) gives
 the float32 GEMM's selection and scores, proven per token, at the speed of a bfloat16 GEMM. Each
 candidate runs with HSAE_CPU_BF16_SCREEN set to 1 ("screen") or 0 ("float32 GEMM") for its calls:
 - `encode`: one dense level's encode alone (the flat SAE's forward minus its decode), token selection

@@ -10,7 +10,7 @@ using at::Tensor;
 
 void encode_forward(Tensor xc, Tensor W_enc, Tensor b_enc, Tensor edge_weight, Tensor path_mask, Tensor parent,
                     OptionalTensor parent_idx, OptionalTensor parent_vals, OptionalTensor child_ptr,
-                    OptionalTensor child_ids, int64_t max_children, int64_t kmax, bool routed, bool screen, Tensor idx,
+                    OptionalTensor child_ids, int64_t max_children, int64_t kmax, bool routed, int64_t screen, Tensor idx,
                     Tensor scores, Tensor parent_slot) {
   hsae_cpu::encode_forward({xc, W_enc, b_enc, edge_weight, path_mask, parent, parent_idx, parent_vals, child_ptr,
                             child_ids, max_children, kmax, routed, idx, scores, parent_slot, screen});
@@ -52,7 +52,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto release_gil = py::call_guard<py::gil_scoped_release>();
   m.doc() = "hsae_fast's C++ CPU backend: fused top-k encode, routed encode, sparse decode, sparse backward, row-wise AdamW update";
   // Bumped whenever a binding's signature changes: hsae_fast/backends/cpp.py refuses an older build.
-  m.def("abi_version", []() { return 4; });
+  m.def("abi_version", []() { return 5; });
   m.def("pooled_gradient", &hsae_cpu::pooled_gradient);
   m.def("release_gradient_pool", &hsae_cpu::release_gradient_pool);
   m.def("gradient_pool_bytes", &hsae_cpu::gradient_pool_bytes);

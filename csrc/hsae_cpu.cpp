@@ -690,10 +690,13 @@ void encode_dense_impl(const EncodeArgs& a) {
   // The screen pays when the M candidates are a small part of the level: scoring a candidate again
   // gathers its row (about 100 ns at d=768 here) where the bfloat16 GEMM saves about 6 ns per feature,
   // and a token whose cut its candidates cannot settle costs a second pass (bench/bench_screen.py; a
-  // trained flat SAE on Gemma activations, F = 56 M, needed one for 14% of tokens and gained nothing
-  // in the step). d < 2^16 keeps gamma_d small.
+  // trained flat SAE on Gemma activations, F = 27 M, needed one for 14% of tokens and gained nothing
+  // in the step). It also needs enough tokens and width to repay rounding W to bfloat16 and the bound
+  // pass (at N=64, d=32 it took 1.9x the float32 GEMM's time; at N=64, d=768 and at N=1024, d=64 it
+  // still gained 1.1-1.3x). d < 2^16 keeps gamma_d small.
   const int64_t M = std::min(Fl, 2 * K + 16);
-  const bool screen = a.screen && !use_edges && Fl >= 32 * M && d < (int64_t(1) << 16);
+  const bool pays = Fl >= 32 * M && N >= 32 && d >= 64;
+  const bool screen = (a.screen == 2 || (a.screen == 1 && pays)) && !use_edges && d < (int64_t(1) << 16);
   const ScreenBounds sb = screen ? screen_bounds(xc, N, W, Fl, d, b_enc, keep) : ScreenBounds{};
   const int64_t kept_per_row = screen ? M : K;
 

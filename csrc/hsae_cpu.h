@@ -23,11 +23,12 @@ struct EncodeArgs {
   at::Tensor idx, scores, parent_slot;  // (N, kmax) outputs
   // A dense level may run its GEMM in bfloat16 (oneDNN, bfloat16 output) and score its candidates
   // again with float32 sums (hsae_cpu.cpp, "The bfloat16 screen"): the same result as the float32-sum
-  // GEMM's, proven per row.
-  bool screen = false;
+  // GEMM's, proven per row. 0: never; 1: where it pays (hsae_cpu.cpp says when); 2: wherever it
+  // applies (tests).
+  int64_t screen = 0;
 };
 
-// Rows the bfloat16 screen scored since the last call, and how many of them it had to score in full.
+// Rows the bfloat16 screen scored since the last reset, and how many of them needed its second pass.
 std::vector<int64_t> screen_stats(bool reset);
 
 struct EncodeGrads {

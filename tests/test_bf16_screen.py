@@ -1,8 +1,9 @@
-"""The cpp backend's bfloat16 screen of float32 dense levels (csrc/hsae_cpu.cpp, "The bfloat16 screen";
-`cpp.bf16_screen`): the selection and scores of the float32 GEMM, proven per token, so it is held
-to float32's tolerances against the float64 reference, like every float32 path. Each test forces the
-screen on (or off) through HSAE_CPU_BF16_SCREEN, whatever this CPU would pick, and checks from the
-backend's counters that the screen (and, where meant, its full-scoring fallback) really ran."""
+"""The cpp backend's bfloat16 screen of dense levels (csrc/hsae_cpu.cpp, "The bfloat16 screen";
+`cpp.screen_mode`): the selection and scores of the float32-sum GEMM, proven per token, so it is held
+to float32's tolerances against the float64 reference. Each test sets HSAE_CPU_BF16_SCREEN, whatever
+this CPU would pick ("always": every level it applies to, so awkward shapes are screened too; "1": only
+where it pays; "0": never), and checks from the backend's counters that the screen (and, where meant,
+its second pass) really ran."""
 import pytest
 import torch
 
@@ -17,7 +18,7 @@ pytestmark = needs_cpp
 
 @pytest.fixture
 def screen(monkeypatch):
-    """Force the screen on or off for one test: screen("1") / screen("0")."""
+    """Set the screen's mode for one test: screen("always"), screen("1") or screen("0")."""
     def set_mode(mode: str):
         monkeypatch.setenv(cpp.SCREEN_ENV, mode)
         cpp.screen_stats(reset=True)
@@ -72,7 +73,7 @@ def test_screened_encode_is_the_exact_float32_selection(N, d, F, K, dtype, scree
     products of bfloat16 values are exact), to float32 precision either way."""
     xc, W, b, keep = dense_inputs(N, d, F, case_seed("screen", N, d, F, K))
     xc, W = xc.to(dtype), W.to(dtype)
-    screen("1")
+    screen("always")
     got = encode_dense(xc, W, b, keep, K)
     screened, _ = cpp.screen_stats()
     assert screened >= N, "the screen did not run"
@@ -93,7 +94,7 @@ def test_scores_the_bound_cannot_separate_are_scored_in_full(screen):
     W = base + step * torch.linspace(-1, 1, F)[:, None] * torch.sign(torch.randn(d, generator=gen))
     assert torch.equal(W.bfloat16().float(), base.expand(F, d))
     xc, b, keep = torch.randn(N, d, generator=gen), torch.zeros(F), torch.ones(F, dtype=torch.bool)
-    screen("1")
+    screen("always")
     got = encode_dense(xc, W, b, keep, K)
     screened, full = cpp.screen_stats()
     assert full == screened >= N, "every token must fall back to the full float32 scan"
@@ -120,7 +121,7 @@ def test_features_the_bfloat16_gemm_underrates_are_still_found(rounded, screen):
     assert torch.equal(W.bfloat16().float()[200, :3], torch.tensor([1.0, 2.0**-5, 1.0]))
     assert torch.equal(x.bfloat16().float()[0, :3], torch.tensor([1.0, 1.0, -1.0]))
     b, keep = torch.zeros(F), torch.ones(F, dtype=torch.bool)
-    screen("1")
+    screen("always")
     got = encode_dense(x, W, b, keep, K)
     screened, full = cpp.screen_stats()
     # Proven from the candidates: the winners were among them (a full scan would hide a missing bound).
@@ -142,7 +143,7 @@ def test_the_gemm_output_rounding_is_bounded(screen):
     W[200:202, :2] = torch.tensor([1.0, 3 * 2.0**-10])
     assert torch.equal(W.bfloat16().float(), W)
     b, keep = torch.zeros(F), torch.ones(F, dtype=torch.bool)
-    screen("1")
+    screen("always")
     got = encode_dense(x, W, b, keep, K)
     assert cpp.screen_stats()[0] >= N
     assert (got[0].sort(dim=1).values == torch.tensor([200, 201])).all(), got[0]
@@ -153,7 +154,7 @@ def test_non_finite_weights_are_never_selected(screen):
     xc, W, b, keep = dense_inputs(20, 33, 1000, case_seed("nan"), prune=0.0)
     W[7, 3] = float("nan")
     keep[7] = False  # the exact reference's selection must not see the NaN row either
-    screen("1")
+    screen("always")
     got = encode_dense(xc, W, b, torch.ones_like(keep), 6)
     assert not (got[0] == 7).any()
     assert_exact_selection(got, xc, W.nan_to_num(), b, keep, 6)
@@ -170,7 +171,7 @@ def test_layer_forward_and_gradients_with_the_screen(level_sizes, k, gating, sel
     cfg = HSAEConfig(d_model=67, level_sizes=level_sizes, k=k, gating=gating, selection=selection)
     layer = random_layer(cfg, "cpp", dtype, case_seed("layer", level_sizes, gating, selection))
     x = torch.randn(150, 67, generator=torch.Generator().manual_seed(case_seed("x", selection))).to(dtype)
-    screen("1")
+    screen("always")
     assert_close_to_reference(layer, x, selection)
     assert cpp.screen_stats()[0] >= 150, "the dense level was not screened"
 
@@ -183,7 +184,7 @@ def test_auxk_stays_off_the_screen(screen):
     gen = torch.Generator().manual_seed(case_seed("auxk-x"))
     x = torch.randn(70, 48, generator=gen)
     dead = (torch.rand(cfg.dict_size, generator=gen) < 0.9) & layer.path_mask
-    screen("1")
+    screen("always")
     x_hat = layer(x).x_hat.detach()
     after_forward = cpp.screen_stats()
     assert after_forward[0] >= 70
@@ -193,7 +194,7 @@ def test_auxk_stays_off_the_screen(screen):
 
 def test_bit_identical_run_to_run_and_across_thread_counts(screen):
     xc, W, b, keep = dense_inputs(3, 50, 3000, case_seed("threads"))  # 3 tokens: features split per thread
-    screen("1")
+    screen("always")
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(max(2, threads))
@@ -206,26 +207,33 @@ def test_bit_identical_run_to_run_and_across_thread_counts(screen):
         assert torch.equal(a, b_) and torch.equal(a, c)
 
 
-def test_small_levels_and_routed_levels_are_not_screened(screen):
+@pytest.mark.parametrize("N,d,F,K,pays", [
+    (64, 64, 1200, 12, False),   # 32 (2K + 16) = 1280 > F: the candidates would be a large part of the level
+    (64, 64, 1300, 12, True),
+    (31, 64, 1300, 12, False),   # too few tokens to repay rounding W
+    (64, 63, 1300, 12, False),   # too narrow
+])
+def test_mode_1_screens_only_where_it_pays(N, d, F, K, pays, screen):
+    xc, W, b, keep = dense_inputs(N, d, F, case_seed("pays", N, d, F))
     screen("1")
-    xc, W, b, keep = dense_inputs(10, 20, 100, case_seed("small"))
-    encode_dense(xc, W, b, keep, 20)  # 32 * (2K + 16) > F: the candidates would be a large part of the level
-    assert cpp.screen_stats() == (0, 0)
+    assert_exact_selection(encode_dense(xc, W, b, keep, K), xc, W, b, keep, K)
+    assert (cpp.screen_stats()[0] > 0) == pays
 
 
 def test_the_switch(monkeypatch):
-    for mode, expected in (("1", True), ("0", False), ("auto", cpp.native_bf16()), (" AUTO ", cpp.native_bf16())):
+    native = 1 if cpp.native_bf16() else 0
+    for mode, expected in (("1", 1), ("0", 0), ("always", 2), ("auto", native), (" AUTO ", native)):
         monkeypatch.setenv(cpp.SCREEN_ENV, mode)
-        assert cpp.bf16_screen() is expected
+        assert cpp.screen_mode() == expected
     monkeypatch.delenv(cpp.SCREEN_ENV)
-    assert cpp.bf16_screen() is cpp.native_bf16()
+    assert cpp.screen_mode() == native
     monkeypatch.setenv(cpp.SCREEN_ENV, "yes")
     with pytest.raises(ValueError, match="HSAE_CPU_BF16_SCREEN"):
-        cpp.bf16_screen()
+        cpp.screen_mode()
 
 
 def test_float64_does_not_take_it(screen):
-    screen("1")
+    screen("always")
     xc, W, b, keep = dense_inputs(8, 30, 1000, case_seed("dtypes"))
     F = W.shape[0]
     args = (xc.double(), W.double(), b, torch.zeros(F), keep, torch.full((F,), -1), None, None, None, None, 0, 4, False)

@@ -3,7 +3,7 @@
 Same signatures and semantics as the torch backend. float32 and bfloat16 weights are read as they
 are with float32 accumulation; float16 weights are upcast here (one copy per call); float64 runs
 the torch backend's functions (the exactness path). Large dense levels may run their GEMM in
-bfloat16 and prove the float32-sum result per token (`bf16_screen`, `HSAE_CPU_BF16_SCREEN`). Outputs are allocated here with `new_output`,
+bfloat16 and prove the float32-sum result per token (`screen_mode`, `HSAE_CPU_BF16_SCREEN`). Outputs are allocated here with `new_output`,
 so poisoned-output tests see every element the C++ code fails to write.
 
 Which build is used (decided once per process):
@@ -33,7 +33,7 @@ NAME = "cpp"
 # Options the backward passes take natively (see encode_backward and decode_backward); the ops do
 # the same for other backends after the fact.
 BACKWARD_OPTIONS = ("row_grads", "grad_active_only")
-# Options its encode_forward takes: screen=False keeps a level off the bfloat16 screen (`bf16_screen`).
+# Options its encode_forward takes: screen=False keeps a level off the bfloat16 screen (`screen_mode`).
 FORWARD_OPTIONS = ("screen",)
 _CSRC = Path(__file__).resolve().parents[2] / "csrc"
 _module = None
@@ -42,8 +42,8 @@ _status: Optional[tuple[bool, str]] = None
 _ENTRY_POINTS = ("encode_forward", "encode_backward", "decode_forward", "decode_backward", "pooled_gradient",
                  "release_gradient_pool", "gradient_pool_bytes", "grad_sq_norm", "adamw_rows", "abi_version",
                  "screen_stats")
-_ABI_VERSION = 4  # csrc/bindings.cpp's abi_version(): the argument lists this file passes
-# HSAE_CPU_BF16_SCREEN: "auto" (default), "1" or "0"; see `bf16_screen`.
+_ABI_VERSION = 5  # csrc/bindings.cpp's abi_version(): the argument lists this file passes
+# HSAE_CPU_BF16_SCREEN: "auto" (default), "1", "always" or "0"; see `screen_mode`.
 SCREEN_ENV = "HSAE_CPU_BF16_SCREEN"
 
 
@@ -144,18 +144,25 @@ def native_bf16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def bf16_screen() -> bool:
-    """Whether large dense levels (a flat SAE, a tree's top level) take the bfloat16 screen
+SCREEN_MODES = {"0": 0, "1": 1, "always": 2}
+
+
+def screen_mode() -> int:
+    """How large dense levels (a flat SAE, a tree's top level) use the bfloat16 screen
     (csrc/hsae_cpu.cpp, "The bfloat16 screen"): a bfloat16 GEMM (oneDNN) bounds every float32-sum
     score, and each token's few candidates are scored again with float32 sums. The selection and the
     scores are those of the float32 GEMM (float32 weights) or of the float32-sum bfloat16 GEMM
     (bfloat16 weights), up to the order of the float32 sums, proven per token; a token the bound cannot
-    settle gets a second pass. `HSAE_CPU_BF16_SCREEN`: "auto" (default) takes it where the CPU
-    multiplies bfloat16 natively, "1" always (slower without native bfloat16; for tests), "0" never."""
+    settle gets a second pass. 0: never; 1: where it pays (levels of at least 32 (2K+16) features, 32
+    tokens, d 64); 2: wherever it applies (tests). `HSAE_CPU_BF16_SCREEN`: "auto" (default) is 1 where
+    the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX) and 0 elsewhere; "1", "always" and "0"
+    force 1, 2 and 0 (without native bfloat16 the screen is slower, never wrong)."""
     mode = os.environ.get(SCREEN_ENV, "auto").strip().lower()
-    if mode not in ("auto", "1", "0"):
-        raise ValueError(f"{SCREEN_ENV}={mode!r}: expected auto, 1 or 0")
-    return mode == "1" or (mode == "auto" and native_bf16())
+    if mode == "auto":
+        return 1 if native_bf16() else 0
+    if mode not in SCREEN_MODES:
+        raise ValueError(f"{SCREEN_ENV}={mode!r}: expected auto, 1, always or 0")
+    return SCREEN_MODES[mode]
 
 
 def screen_stats(reset: bool = False) -> tuple[int, int]:
@@ -167,7 +174,7 @@ def screen_stats(reset: bool = False) -> tuple[int, int]:
 
 def encode_forward(xc, W_enc, b_enc, edge_weight, path_mask, parent, parent_idx, parent_vals, child_ptr, child_ids,
                    max_children: int, kmax: int, routed: bool, screen: bool = True):
-    """See `torch_sparse.encode_forward`. `screen=False`: never the bfloat16 screen (see `bf16_screen`)."""
+    """See `torch_sparse.encode_forward`. `screen=False`: never the bfloat16 screen (see `screen_mode`)."""
     if W_enc.dtype == torch.float64:
         return torch_sparse.encode_forward(xc, W_enc, b_enc, edge_weight, path_mask, parent, parent_idx, parent_vals,
                                            child_ptr, child_ids, max_children, kmax, routed)
@@ -180,7 +187,7 @@ def encode_forward(xc, W_enc, b_enc, edge_weight, path_mask, parent, parent_idx,
     _ext().encode_forward(
         xc_in, _weights(W_enc), _f32(b_enc), _f32(edge_weight), path_mask.contiguous(), parent.contiguous(),
         _contiguous(parent_idx), _f32(parent_vals), _contiguous(child_ptr), _contiguous(child_ids),
-        max_children, kmax, routed, screen and not routed and bf16_screen(), idx,
+        max_children, kmax, routed, screen_mode() if screen and not routed else 0, idx,
         scores, parent_slot,
     )
     return idx, scores, parent_slot
