@@ -84,9 +84,10 @@ def test_screened_encode_is_the_exact_float32_selection(N, d, F, K, dtype, scree
     assert_exact_selection(plain, xc, W, b, keep, K)
 
 
-def test_scores_the_bound_cannot_separate_are_scored_in_full(screen):
+def test_scores_the_bound_cannot_separate_take_the_second_pass(screen):
     """Rows whose bfloat16 roundings are all equal (differences under half a bfloat16 step) give every
-    feature the same bound, so no token's top-K is proven and all are scored in float32 in full."""
+    feature the same bound, so no token's top-K is proven from its candidates: every token takes the
+    second pass, which here scores every feature again."""
     gen = torch.Generator().manual_seed(case_seed("ties"))
     N, d, F, K = 9, 40, 900, 5
     base = torch.randn(d, generator=gen).bfloat16().float()  # exactly representable in bfloat16
@@ -96,8 +97,8 @@ def test_scores_the_bound_cannot_separate_are_scored_in_full(screen):
     xc, b, keep = torch.randn(N, d, generator=gen), torch.zeros(F), torch.ones(F, dtype=torch.bool)
     screen("always")
     got = encode_dense(xc, W, b, keep, K)
-    screened, full = cpp.screen_stats()
-    assert full == screened >= N, "every token must fall back to the full float32 scan"
+    screened, second = cpp.screen_stats()
+    assert second == screened >= N, "every token must take the second pass"
     assert_exact_selection(got, xc, W, b, keep, K)
 
 
@@ -123,9 +124,9 @@ def test_features_the_bfloat16_gemm_underrates_are_still_found(rounded, screen):
     b, keep = torch.zeros(F), torch.ones(F, dtype=torch.bool)
     screen("always")
     got = encode_dense(x, W, b, keep, K)
-    screened, full = cpp.screen_stats()
-    # Proven from the candidates: the winners were among them (a full scan would hide a missing bound).
-    assert screened >= N and full == 0
+    screened, second = cpp.screen_stats()
+    # Proven from the candidates: the winners were among them (a second pass would hide a missing bound).
+    assert screened >= N and second == 0
     assert (got[0].sort(dim=1).values == torch.tensor([200, 201])).all(), got[0]
     assert_exact_selection(got, x, W, b, keep, K)
 

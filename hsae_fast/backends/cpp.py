@@ -3,8 +3,9 @@
 Same signatures and semantics as the torch backend. float32 and bfloat16 weights are read as they
 are with float32 accumulation; float16 weights are upcast here (one copy per call); float64 runs
 the torch backend's functions (the exactness path). Large dense levels may run their GEMM in
-bfloat16 and prove the float32-sum result per token (`screen_mode`, `HSAE_CPU_BF16_SCREEN`). Outputs are allocated here with `new_output`,
-so poisoned-output tests see every element the C++ code fails to write.
+bfloat16 and prove the float32-sum result per token (`screen_mode`, `HSAE_CPU_BF16_SCREEN`).
+Outputs are allocated here with `new_output`, so poisoned-output tests see every element the C++
+code fails to write.
 
 Which build is used (decided once per process):
 - `HSAE_CPP_JIT=1`: compile csrc/ with `torch.utils.cpp_extension.load` on first use, cached under
@@ -166,7 +167,7 @@ def screen_mode() -> int:
 
 
 def screen_stats(reset: bool = False) -> tuple[int, int]:
-    """(tokens screened, tokens the screen scored in full) since the last reset, over all levels; a
+    """(tokens screened, tokens that needed its second pass) since the last reset, over all levels; a
     token whose level was split across threads (few tokens) counts once per part."""
     screened, full = _ext().screen_stats(reset)
     return int(screened), int(full)
