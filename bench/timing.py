@@ -97,7 +97,10 @@ def parse_cpp_script_args(parser) -> tuple:
     ok, why = available_backends()["cpp"]
     if not ok:
         raise SystemExit(f"the cpp backend is not available: {why}")
-    return args, why
+    from hsae_fast.backends import cpp
+
+    # Dense levels' times depend on it (cpp.screen_mode): the results must say which it was.
+    return args, f"{why}; bfloat16 screen mode {cpp.screen_mode()} (HSAE_CPU_BF16_SCREEN)"
 
 
 def layer_fwd_bwd(layer, x: torch.Tensor) -> Callable[[Any], None]:
