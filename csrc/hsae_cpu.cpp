@@ -22,8 +22,8 @@
 #include <sys/mman.h>
 
 #include <algorithm>
-#include <cmath>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <cstdlib>
 #include <limits>
@@ -159,13 +159,6 @@ HSAE_INLINE uint16_t bf16_bits(float v) {
   return static_cast<uint16_t>((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
 }
 
-HSAE_INLINE float bf16_value(uint16_t bits) {
-  const uint32_t b = static_cast<uint32_t>(bits) << 16;
-  float v;
-  std::memcpy(&v, &b, sizeof(v));
-  return v;
-}
-
 // out = bf16(v), *norm = |v| and *rounding_norm = |v - bf16(v)| for one row of n floats (lane sums).
 HSAE_VECTOR_CLONES void narrow_with_norms(const float* v, int64_t n, BFloat16* out, float* norm, float* rounding_norm) {
   uint16_t* bits = reinterpret_cast<uint16_t*>(out);
@@ -175,13 +168,13 @@ HSAE_VECTOR_CLONES void narrow_with_norms(const float* v, int64_t n, BFloat16* o
     for (int64_t l = 0; l < kLanes; ++l) {
       const float x = v[i + l];
       bits[i + l] = bf16_bits(x);
-      const float lo = x - bf16_value(bits[i + l]);
+      const float lo = x - load(out, i + l);
       acc[l] += x * x, acc_lo[l] += lo * lo;
     }
   for (int64_t l = 0; i + l < n; ++l) {
     const float x = v[i + l];
     bits[i + l] = bf16_bits(x);
-    const float lo = x - bf16_value(bits[i + l]);
+    const float lo = x - load(out, i + l);
     acc[l] += x * x, acc_lo[l] += lo * lo;
   }
   *norm = std::sqrt(reduce_lanes(acc));
@@ -202,16 +195,15 @@ HSAE_VECTOR_CLONES void bf16_row_norm(const BFloat16* v, int64_t n, float* norm)
 // per-feature norms, a and c per-token factors (encode_dense_impl says what each covers).
 HSAE_VECTOR_CLONES void screen_upper_bounds(const BFloat16* s, const float* lo, const float* hi, float kappa, float a,
                                             float c, int64_t n, float* out) {
-  const uint16_t* bits = reinterpret_cast<const uint16_t*>(s);
   for (int64_t j = 0; j < n; ++j) {
-    const float v = bf16_value(bits[j]);
+    const float v = load(s, j);
     out[j] = v + kappa * std::fabs(v) + a * lo[j] + c * hi[j];
   }
 }
 
-// Rows screened and rows that fell back to the exact scan, a row counted once per feature split
-// (tests and benchmarks read these).
-std::atomic<int64_t> g_screened_rows{0}, g_screen_fallbacks{0};
+// Rows screened and rows that needed the second pass, a row counted once per feature split (tests and
+// benchmarks read these).
+std::atomic<int64_t> g_screened_rows{0}, g_screen_second_passes{0};
 
 // A gradient row that no slot touches is all zeros: those are written with non-temporal stores,
 // which skip the read-for-ownership of every cache line and leave the cache to the rows that are
@@ -725,8 +717,19 @@ void encode_dense_impl(const EncodeArgs& a) {
     const Tensor tile_buffer = at::empty({kDenseRows, kDenseTile}, at::kFloat);  // 64-byte aligned
     float* tile = tile_buffer.data_ptr<float>();
     std::vector<float> w_tile(std::is_same<W_t, float>::value || gemm_bf16 ? 0 : kDenseTile * d);
-    // The screen's bfloat16 GEMM output.
+    // The screen's bfloat16 GEMM output, and the two steps both of its passes take per tile: the GEMM
+    // of some tokens' bfloat16 rows with the tile's, and a token's upper bounds from its scores.
     const Tensor s_tile_bf16 = at::empty({screen ? kDenseRows * kDenseTile : 0}, at::kBFloat16);
+    auto bf16_scores = [&](const Tensor& x_rows, int64_t f0, int64_t T) {
+      BFloat16* out = s_tile_bf16.data_ptr<BFloat16>();
+      Tensor s_blk = at::from_blob(out, {x_rows.size(0), T}, at::kBFloat16);
+      at::mm_out(s_blk, x_rows, at::from_blob(const_cast<BFloat16*>(sb.wb + f0 * d), {T, d}, at::kBFloat16).t());
+      return out;
+    };
+    auto upper_bounds = [&](const BFloat16* s_row, int64_t n, int64_t f0, int64_t T, float* out) {
+      screen_upper_bounds(s_row, sb.w_lo_norm.data() + f0, sb.w_norm.data() + f0, ScreenBounds::kKappa, sb.a[n],
+                          sb.c[n], T, out);
+    };
     // Per row of the block, the (local feature, edge_weight * parent value) pairs of its active
     // parents' children, sorted by feature so each tile consumes a contiguous run.
     std::vector<std::vector<std::pair<int64_t, float>>> bonus(use_edges ? kDenseRows : 0);
@@ -757,13 +760,9 @@ void encode_dense_impl(const EncodeArgs& a) {
     for (int64_t t = tile0; t < tile1; ++t) {
       const int64_t f0 = t * kDenseTile, T = std::min(kDenseTile, Fl - f0);
       if (screen) {
-        BFloat16* sbf = s_tile_bf16.data_ptr<BFloat16>();
-        Tensor s_blk = at::from_blob(sbf, {rows, T}, at::kBFloat16);
-        at::mm_out(s_blk, sb.xb.narrow(0, r0, rows),
-                   at::from_blob(const_cast<BFloat16*>(sb.wb + f0 * d), {T, d}, at::kBFloat16).t());
+        const BFloat16* scores = bf16_scores(sb.xb.narrow(0, r0, rows), f0, T);
         for (int64_t r = 0; r < rows; ++r) {
-          screen_upper_bounds(sbf + r * T, sb.w_lo_norm.data() + f0, sb.w_norm.data() + f0, ScreenBounds::kKappa,
-                              sb.a[r0 + r], sb.c[r0 + r], T, tile + r * T);
+          upper_bounds(scores + r * T, r0 + r, f0, T, tile + r * T);
           tops[r].offer(tile + r * T, sb.bias_up.data() + f0, T, static_cast<int32_t>(f0));
         }
         continue;
@@ -856,7 +855,7 @@ void encode_dense_impl(const EncodeArgs& a) {
       }
     }
     g_screened_rows.fetch_add(rows, std::memory_order_relaxed);
-    g_screen_fallbacks.fetch_add(static_cast<int64_t>(unsettled.size()), std::memory_order_relaxed);
+    g_screen_second_passes.fetch_add(static_cast<int64_t>(unsettled.size()), std::memory_order_relaxed);
     // A second pass over the unsettled rows (near-equal scores at their cut): every feature whose bound
     // reaches the row's floor is scored exactly. A feature below it scores below the floor, and the
     // floor is the K-th best exact score of features that are all among the new candidates.
@@ -866,17 +865,13 @@ void encode_dense_impl(const EncodeArgs& a) {
       for (int64_t i = 0; i < R; ++i)
         std::memcpy(x_rows.data_ptr<BFloat16>() + i * d, sb.xb.data_ptr<BFloat16>() + (r0 + unsettled[i]) * d,
                     d * sizeof(BFloat16));
-      const Tensor s_rows = at::empty({R, kDenseTile}, at::kBFloat16);
       std::vector<std::vector<int64_t>> found(R);
       for (int64_t t = tile0; t < tile1; ++t) {
         const int64_t f0 = t * kDenseTile, T = std::min(kDenseTile, Fl - f0);
-        Tensor s_blk = at::from_blob(s_rows.data_ptr<BFloat16>(), {R, T}, at::kBFloat16);
-        at::mm_out(s_blk, x_rows, at::from_blob(const_cast<BFloat16*>(sb.wb + f0 * d), {T, d}, at::kBFloat16).t());
+        const BFloat16* scores = bf16_scores(x_rows, f0, T);  // R <= kDenseRows rows fit its buffer
         for (int64_t i = 0; i < R; ++i) {
-          const int64_t n = r0 + unsettled[i];
           float* bound = tile;  // the block's float tile is free now
-          screen_upper_bounds(s_rows.data_ptr<BFloat16>() + i * T, sb.w_lo_norm.data() + f0, sb.w_norm.data() + f0,
-                              ScreenBounds::kKappa, sb.a[n], sb.c[n], T, bound);
+          upper_bounds(scores + i * T, r0 + unsettled[i], f0, T, bound);
           for (int64_t j = 0; j < T; ++j)
             if (bound[j] + sb.bias_up[f0 + j] >= floors[i]) found[i].push_back(f0 + j);  // as offer() adds it
         }
@@ -1291,8 +1286,8 @@ int64_t gradient_pool_bytes() { return static_cast<int64_t>(GradientPool::instan
 
 // ------------------------------------------------------------------------------------ entry points
 std::vector<int64_t> screen_stats(bool reset) {
-  const std::vector<int64_t> out = {g_screened_rows.load(), g_screen_fallbacks.load()};
-  if (reset) g_screened_rows = 0, g_screen_fallbacks = 0;
+  const std::vector<int64_t> out = {g_screened_rows.load(), g_screen_second_passes.load()};
+  if (reset) g_screened_rows = 0, g_screen_second_passes = 0;
   return out;
 }
 

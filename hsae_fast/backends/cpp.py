@@ -18,6 +18,7 @@ Which build is used (decided once per process):
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import os
@@ -139,6 +140,7 @@ def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.contiguous()
 
 
+@functools.lru_cache(maxsize=None)  # read at every encode: the CPU does not change
 def native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), so torch's bfloat16 GEMM
     (oneDNN) runs 2-3x the float32 one's speed."""
