@@ -66,11 +66,12 @@ def assert_exact_selection(got, xc, W, b, keep, K):
 SHAPES = [(1, 67, 1537, 8), (37, 3, 600, 1), (600, 67, 1300, 12), (5, 768, 3000, 37), (64, 130, 1900, 20)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("N,d,F,K", SHAPES, ids=lambda v: str(v))
 def test_screened_encode_is_the_exact_float32_selection(N, d, F, K, dtype, screen):
     """float32: the float32 scores; bfloat16 tokens and weights: their float32-sum scores (the
-    products of bfloat16 values are exact), to float32 precision either way."""
+    products of bfloat16 values are exact); float16 (upcast to float32 by the glue): the float32
+    scores of its values; to float32 precision in every case."""
     xc, W, b, keep = dense_inputs(N, d, F, case_seed("screen", N, d, F, K))
     xc, W = xc.to(dtype), W.to(dtype)
     screen("always")
@@ -161,7 +162,7 @@ def test_non_finite_weights_are_never_selected(screen):
     assert_exact_selection(got, xc, W.nan_to_num(), b, keep, 6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("selection", ["token", "batch"])
 # Big enough that the dense level is screened with batch selection's 4k candidates too.
 @pytest.mark.parametrize("level_sizes,k", [((3600,), (12,)), ((10240, 2560, 1280), (12, 6, 3))], ids=["flat", "tree"])
