@@ -75,7 +75,10 @@ class TreePlan:
             ids = ids[path_mask[ids]]
             parent_local = parent[ids] - offsets[l + 1]
             order = torch.sort(parent_local, stable=True).indices
-            counts = torch.bincount(parent_local, minlength=sizes[l + 1])
+            # scatter_add, not bincount: bincount's length is data-dependent (max id + 1), which
+            # torch.compile(fullgraph=True) cannot trace on torch 2.11 (the GPU image's version)
+            counts = torch.zeros(sizes[l + 1], dtype=torch.int64, device=parent.device)
+            counts.scatter_add_(0, parent_local, torch.ones_like(parent_local))
             ptr = torch.zeros(sizes[l + 1] + 1, dtype=torch.int64, device=parent.device)
             ptr[1:] = torch.cumsum(counts, 0)
             max_children = int(counts.max()) if counts.numel() else 0
