@@ -158,9 +158,9 @@ else
   # The benchmarks, in two parts so that one running long cannot starve the other: issue 10's
   # routed table first (N=8192, bf16, with sparsify), then the GPT-2-small and Gemma-2-2B sets.
   results=/tmp/hsae_bench_results
-  wants routed && step "pytest bench/ -k routed" 110 "$OUT/bench.log" \
+  wants routed && step "pytest bench/ -k routed" 100 "$OUT/bench.log" \
     "$PY" -m pytest bench/ -q -p no:cacheprovider -k routed --bench-out "$results/routed"
-  wants ops && step "pytest bench/ -k 'gpt2 or gemma'" 130 "$OUT/bench.log" \
+  wants ops && step "pytest bench/ -k 'gpt2 or gemma'" 110 "$OUT/bench.log" \
     "$PY" -m pytest bench/ -q -p no:cacheprovider -k "gpt2 or gemma or peer" --bench-out "$results/ops"
   for part in routed ops; do
     [[ -f "$results/$part/results.md" ]] && cat "$results/$part/results.md" >> "$OUT/bench_results.md"
@@ -171,7 +171,7 @@ fi
 
 # Standalone timing of the encode against torch.matmul and matmul + topk (issue 4's targets), the
 # routed encode of a wide level, and the decode's bandwidth; round-robin, medians, peak memory.
-wants timing && step "standalone timing" 60 "$OUT/timing.log" "$PY" - $TIMING_SHAPE "$OUT/timing.md" <<'PY'
+wants timing && step "standalone timing" 50 "$OUT/timing.log" "$PY" - $TIMING_SHAPE "$OUT/timing.md" <<'PY'
 import statistics
 import sys
 import time
