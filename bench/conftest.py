@@ -9,7 +9,6 @@ into results.md and PNG plots at the end of the session (`python -m bench.report
 from __future__ import annotations
 
 import os
-from importlib.metadata import version
 import sys
 from pathlib import Path
 
@@ -76,14 +75,20 @@ def pytest_configure(config):
     if getattr(config.option, "benchmark_json", None) is None and hasattr(config.option, "benchmark_json"):
         out = _out_dir(config)
         out.mkdir(parents=True, exist_ok=True)
-        config.option.benchmark_json = _json_option(out / "benchmark.json")
+        config.option.benchmark_json = _JsonPath(out / "benchmark.json")
 
 
-def _json_option(path: Path):
-    """pytest-benchmark 5 takes --benchmark-json as a path; 4 (the GPU image's) as a file open for
-    binary writing, and crashed at the end of the GPU run when handed a path."""
-    major = int(version("pytest-benchmark").split(".")[0])
-    return path if major >= 5 else open(path, "wb")
+class _JsonPath(type(Path())):
+    """--benchmark-json as every pytest-benchmark takes it: the newer open a path, the older (the GPU
+    image's) write inside `with option as fh`, which on a plain path crashed the first GPU run at its
+    end and lost its tables. This path opens itself for that `with`."""
+
+    def __enter__(self):
+        self._file = open(self, "wb")
+        return self._file
+
+    def __exit__(self, *exc_info):
+        self._file.close()
 
 
 def pytest_generate_tests(metafunc):
@@ -119,7 +124,7 @@ def pytest_sessionfinish(session, exitstatus):
     """pytest-benchmark has written the JSON by now (its hook wraps this one): render it."""
     path = getattr(session.config.option, "benchmark_json", None)
     if path is not None and not isinstance(path, (str, os.PathLike)):
-        path = path.name  # an open file under pytest-benchmark 4
+        path = path.name  # a user's --benchmark-json under an older pytest-benchmark: a file it opened
     benchmarks = getattr(getattr(session.config, "_benchmarksession", None), "benchmarks", None)
     if path is None or not benchmarks or not Path(path).exists():
         return

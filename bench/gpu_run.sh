@@ -158,10 +158,10 @@ else
   # The benchmarks, in two parts so that one running long cannot starve the other: issue 10's
   # routed table first (N=8192, bf16, with sparsify), then the GPT-2-small and Gemma-2-2B sets.
   results=/tmp/hsae_bench_results
-  wants routed && step "pytest bench/ -k routed" 100 "$OUT/bench.log" \
-    "$PY" -m pytest bench/ -q -rf --durations=15 -p no:cacheprovider -k routed --bench-out "$results/routed"
-  wants ops && step "pytest bench/ -k 'gpt2 or gemma'" 170 "$OUT/bench.log" \
-    "$PY" -m pytest bench/ -q -rf --durations=15 -p no:cacheprovider -k "gpt2 or gemma or peer" --bench-out "$results/ops"
+  wants routed && step "pytest bench/ -k routed" 90 "$OUT/bench.log" \
+    "$PY" -m pytest bench/ -q -rf --durations=15 -p no:cacheprovider -k "test_case and routed" --bench-out "$results/routed"
+  wants ops && step "pytest bench/ -k 'gpt2 or gemma'" 140 "$OUT/bench.log" \
+    "$PY" -m pytest bench/ -q -rf --durations=15 -p no:cacheprovider -k "test_case and (gpt2 or gemma) or test_peer_installed" --bench-out "$results/ops"
   for part in routed ops; do
     [[ -f "$results/$part/results.md" ]] && cat "$results/$part/results.md" >> "$OUT/bench_results.md"
   done
