@@ -50,7 +50,9 @@ def _gather_sum_kernel(
             feat = tl.load(idx_ptr + n * K + ks, mask=k_ok, other=0)
             gain = tl.load(gain_ptr + tl.load(slot_level_ptr + ks, mask=k_ok, other=0), mask=k_ok, other=0.0)
             c = tl.load(coef_ptr + n * K + ks, mask=k_ok, other=0.0).to(ACC) * gain.to(ACC)
-            rows = tl.load(w_ptr + feat[:, None] * d + ds[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+            # A zero coefficient adds nothing: its row is not read (see _scatter_rows_atomic_kernel)
+            rows = tl.load(w_ptr + feat[:, None] * d + ds[None, :], mask=((c != 0) & k_ok)[:, None] & d_ok[None, :],
+                           other=0.0)
             total += tl.sum(c[:, None] * rows.to(ACC), axis=0)
         if PREFIXES:
             tl.store(out_ptr + (level * N + n) * d + ds, total, mask=d_ok)
@@ -94,13 +96,16 @@ def _scatter_rows_atomic_kernel(
         feat = tl.load(idx_ptr + n * K + ks, mask=k_ok, other=0)
         level = tl.load(slot_level_ptr + ks, mask=k_ok, other=0)
         c = tl.load(coef_ptr + n * K + ks, mask=k_ok, other=0.0).to(ACC) * tl.load(gain_ptr + level).to(ACC)
-        ok = k_ok[:, None] & d_ok[None, :]
+        # Zero coefficients are skipped, not added: slots a selection did not keep carry zeros, and
+        # slots with no candidate all name feature 0, so adding their zeros serialised hundreds of
+        # thousands of atomics on one row (a 3-level step on an H100 spent most of its backward there).
+        ok = ((c != 0) & k_ok)[:, None] & d_ok[None, :]
         r = tl.load(r_ptr + (level * r_level_stride + n * d)[:, None] + ds[None, :], mask=ok, other=0.0).to(ACC)
         tl.atomic_add(out_ptr + feat[:, None] * d + ds[None, :], c[:, None] * r, mask=ok)
         if tl.program_id(1) == 0:
             for m in range(0, NUM_SUMS):
                 e = tl.load(extra_ptr + (m * N + n) * K + ks, mask=k_ok, other=0.0).to(ACC)
-                tl.atomic_add(sums_ptr + m * F + feat, e, mask=k_ok)
+                tl.atomic_add(sums_ptr + m * F + feat, e, mask=k_ok & (e != 0))
 
 
 @triton.jit
@@ -203,7 +208,12 @@ def scatter_rows(idx, coef, R, gain, level_widths: list[int], num_features: int,
     extras = extras.contiguous() if extras is not None else coef
     gain = gain.contiguous()
     if deterministic():
-        flat = idx.reshape(-1)
+        # Slots that add nothing (a zero coefficient and zero extras) sort after every feature, as id
+        # F: feature 0 would otherwise walk every empty slot of the batch in one program.
+        dead = coef == 0
+        if num_sums:
+            dead &= (extras[:num_sums] == 0).all(0)
+        flat = idx.reshape(-1).masked_fill(dead.reshape(-1), F)
         sorted_feat, order = torch.sort(flat, stable=True)
         feat_ptr = torch.searchsorted(sorted_feat, torch.arange(F + 1, device=idx.device))
         out = new_output((F, d), acc, R.device)

@@ -235,6 +235,32 @@ def test_encode_backward_matches_torch(N, d, K, kp, dtype, deterministic, monkey
         assert (a.cpu()[untouched] == 0).all(), f"{name} is nonzero on a feature no slot names"
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_scatter_skips_zero_coefficients_only(deterministic, monkeypatch):
+    """Slots with a zero coefficient add no row (most of a batch-selected code, and every empty slot,
+    all naming feature 0), but their extras still count: a slot is dropped only when it adds nothing."""
+    from kernels.decode import scatter_rows
+    monkeypatch.setattr(kernels, "DETERMINISTIC", deterministic)
+    gen = _gen("scatter-zero-coefficients", deterministic)
+    N, K, F, d = 37, 9, 11, 45
+    idx = torch.randint(0, F, (N, K), generator=gen)
+    coef = torch.randn(N, K, generator=gen) * (torch.rand(N, K, generator=gen) > 0.6)
+    empty = torch.rand(N, K, generator=gen) > 0.7
+    idx, coef = idx.masked_fill(empty, 0), coef.masked_fill(empty, 0.0)  # empty slots: id 0, coefficient 0
+    extras = torch.randn(2, N, K, generator=gen)
+    extras[1] = extras[1].masked_fill(coef == 0, 0.0)  # one extra dead wherever the row is, one never
+    R, gain = torch.randn(N, d, generator=gen), torch.rand(1, generator=gen) + 0.5
+    with poisoned_outputs():
+        out, sums = scatter_rows(*_dev(idx, coef, R, gain), [K], F, *_dev(extras))
+    flat = idx.reshape(-1)
+    rows = (gain.double() * coef.double()).reshape(-1, 1) * R.double().repeat_interleave(K, 0)
+    want = torch.zeros(F, d, dtype=torch.float64).index_add_(0, flat, rows)
+    want_sums = torch.zeros(2, F, dtype=torch.float64).index_add_(1, flat, extras.double().reshape(2, -1))
+    assert (coef == 0).float().mean() > 0.5 and (idx[coef == 0] == 0).any()
+    assert_close("rows", out.cpu(), want, 1e-5)
+    assert_close("sums", sums.cpu(), want_sums, 1e-5)
+
+
 def test_deterministic_scatter_is_bit_identical(monkeypatch):
     """The sorted scatter sums every feature in one fixed order: two runs agree bit for bit (on a
     GPU the atomic mode does not), and with the atomic mode to rounding."""
