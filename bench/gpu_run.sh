@@ -9,6 +9,7 @@
 #   bench/gpu_run.sh --compile-check  anywhere, no GPU: compile the kernels for sm_90 with Triton's
 #                                     bundled ptxas and print registers and spills per config
 #
+# First run: bench/results/gpu-h100/ (one H100, torch 2.11, triton 3.6, pytest-benchmark 5.x).
 # Steps are time-boxed so the whole run ends inside one 10-minute call (device time is 15 min a
 # session, start included); a failing step is logged and the next one still runs.
 # Files back in $OUT (at most 8): env.txt, tests.log, timing.md, timing.log, bench.log,
@@ -243,15 +244,41 @@ def sorted_backward():
         kernels.DETERMINISTIC = None
 
 
+# A batch-selected tree level's code: 4k slots of which k are kept, and (routed levels) slots with no
+# candidate, all naming feature 0. The kernels skip zero coefficients; 1e-30 in their place makes
+# them do the work they did before that (every slot added, the empty ones onto one row).
+code_idx = torch.randint(0, F, (N, 4 * K), device=device)
+code_vals = torch.rand(N, 4 * K, device=device) * (torch.rand(N, 4 * K, device=device) < 0.25)
+code_idx.masked_fill_((code_vals == 0) & (torch.rand(N, 4 * K, device=device) < 0.6), 0)
+code_vals_unskipped = code_vals.masked_fill(code_vals == 0, 1e-30)
+
+
+def chunked_matmul_topk(chunk=max(1, 2**26 // N)):
+    """cuBLAS GEMM + torch.topk over feature chunks of at most 2^26 scores, then a top-k of the
+    chunks' winners: the dense encode's alternative with bounded memory."""
+    vals_, ids_ = [], []
+    for f0 in range(0, F, chunk):
+        top = torch.topk(torch.addmm(b[f0:f0 + chunk], xc, W[f0:f0 + chunk].T), min(K, min(chunk, F - f0)), dim=1)
+        vals_.append(top.values)
+        ids_.append(top.indices + f0)
+    best = torch.topk(torch.cat(vals_, 1), K, dim=1)
+    return best.values, torch.cat(ids_, 1).gather(1, best.indices)
+
+
 cases = {
     "torch.matmul (N x F scores)": lambda: xc @ W.T,
     "matmul + bias + torch.topk": lambda: torch.topk(torch.addmm(b, xc, W.T), K, dim=1),
     "triton encode_dense (fused top-k)": lambda: encode_dense(xc, W, b, mask, K),
+    "chunked matmul + topk (2^26 scores a chunk)": chunked_matmul_topk,
     f"triton encode_routed ({min(kp, P)} parents x 64 children)": lambda: encode_routed(
         xc, W, b, edge, p_idx, p_vals, child_ptr, child_ids, 64, K),
     "triton decode forward": lambda: decode_forward(idx, vals, W, gain, b[:d], [K], False),
     "triton decode backward (atomic)": lambda: decode_backward(g_out, idx, vals, W, gain, [K], False, True, True, True),
     "triton decode backward (sorted)": lambda: sorted_backward(),
+    "decode backward, 4K slots, 25% kept": lambda: decode_backward(
+        g_out, code_idx, code_vals, W, gain, [4 * K], False, True, True, True),
+    "the same, every slot added (as before 2026-11-27)": lambda: decode_backward(
+        g_out, code_idx, code_vals_unskipped, W, gain, [4 * K], False, True, True, True),
     "copy of W (bandwidth probe)": lambda: W.clone(),
 }
 times = {name: [] for name in cases}
