@@ -62,19 +62,24 @@ def _gather_sum_kernel(
 
 @triton.jit
 def _gather_dot_kernel(
-    idx_ptr, slot_level_ptr, g_ptr, w_ptr, out_ptr,
+    idx_ptr, slot_level_ptr, g_ptr, w_ptr, active_ptr, out_ptr,
     N, K, d, g_level_stride,
-    ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACTIVE_ONLY: tl.constexpr, ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     n = tl.program_id(0)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = ks < K
     feat = tl.load(idx_ptr + n * K + ks, mask=k_ok, other=0)
     g_row = tl.load(slot_level_ptr + ks, mask=k_ok, other=0) * g_level_stride + n * d
+    # ACTIVE_ONLY: slots whose value is 0 get 0, their rows unread (a batch-selected level keeps a
+    # quarter of its slots, and the caller discards the rest's gradient).
+    live = k_ok
+    if ACTIVE_ONLY:
+        live = k_ok & (tl.load(active_ptr + n * K + ks, mask=k_ok, other=0.0) != 0)
     total = tl.zeros((BLOCK_K,), ACC)
     for d0 in range(0, d, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
-        ok = k_ok[:, None] & (ds < d)[None, :]
+        ok = live[:, None] & (ds < d)[None, :]
         g = tl.load(g_ptr + g_row[:, None] + ds[None, :], mask=ok, other=0.0).to(ACC)
         w = tl.load(w_ptr + feat[:, None] * d + ds[None, :], mask=ok, other=0.0).to(ACC)
         total += tl.sum(g * w, axis=1)
@@ -175,8 +180,9 @@ def gather_sum(idx, coef, W, gain, level_widths: list[int], bias=None, prefixes:
     return out
 
 
-def gather_dot(idx, G, W, level_widths: list[int]):
-    """out (N, K) = <G[level j][n], W[idx[n, j]]>; G is (N, d) (one gradient for all levels) or (L, N, d)."""
+def gather_dot(idx, G, W, level_widths: list[int], active=None):
+    """out (N, K) = <G[level j][n], W[idx[n, j]]>; G is (N, d) (one gradient for all levels) or (L, N, d).
+    With `active` (N, K): 0 wherever active is 0, those rows not read."""
     idx, G, W = idx.contiguous(), G.contiguous(), W.contiguous()
     N, K = idx.shape
     d = W.shape[1]
@@ -184,8 +190,9 @@ def gather_dot(idx, G, W, level_widths: list[int]):
     out = new_output((N, K), _acc_torch(W.dtype), W.device)
     if N and K:
         _gather_dot_kernel[(N, triton.cdiv(K, _BLOCK_K))](
-            idx, levels, G, W, out, N, K, d, N * d if G.dim() == 3 else 0,
-            ACC=acc_dtype(W.dtype), BLOCK_K=_BLOCK_K, BLOCK_D=_BLOCK_D,
+            idx, levels, G, W, active.contiguous() if active is not None else idx, out, N, K, d,
+            N * d if G.dim() == 3 else 0,
+            ACTIVE_ONLY=active is not None, ACC=acc_dtype(W.dtype), BLOCK_K=_BLOCK_K, BLOCK_D=_BLOCK_D,
         )
     return out
 
@@ -244,8 +251,9 @@ def decode_forward(idx, vals, W_dec, level_gain, b_dec, level_widths: list[int],
 
 
 def decode_backward(g_out, idx, vals, W_dec, level_gain, level_widths: list[int], prefixes: bool,
-                    need_vals: bool, need_W_dec: bool, need_gain: bool):
-    """g_vals (N, K), g_W_dec (F, d), g_level_gain (L,), g_b_dec (d,) in the accumulation dtype."""
+                    need_vals: bool, need_W_dec: bool, need_gain: bool, grad_active_only: bool = False):
+    """g_vals (N, K), g_W_dec (F, d), g_level_gain (L,), g_b_dec (d,) in the accumulation dtype;
+    `grad_active_only`: g_vals is 0 where vals is 0 (those slots then cost nothing)."""
     acc = _acc_torch(W_dec.dtype)
     g = g_out.to(acc)
     # With prefixes, level l's decode appears in P_0 .. P_l: its upstream gradient is their sum.
@@ -254,7 +262,8 @@ def decode_backward(g_out, idx, vals, W_dec, level_gain, level_widths: list[int]
     g_vals = g_W = None
     g_gain = torch.zeros(len(level_widths), dtype=acc, device=idx.device)  # stays 0 unless asked for
     if need_vals or need_gain:
-        dots = gather_dot(idx, g_levels, W_dec, level_widths)  # <g_level, W_dec[idx]>, before the gain
+        # <g_level, W_dec[idx]>, before the gain; where vals is 0 it adds nothing to g_gain either
+        dots = gather_dot(idx, g_levels, W_dec, level_widths, vals if grad_active_only else None)
         levels, _ = slot_levels(level_widths, idx.device)
         g_vals = dots * level_gain.to(acc)[levels.long()]
         per_slot = (vals.to(acc) * dots).sum(0)

@@ -211,6 +211,27 @@ def test_decode_matches_torch(N, d, widths, dtype, prefixes, deterministic, monk
         assert_close(name, g.cpu(), w, TOL[dtype] * 10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("prefixes", [False, True])
+def test_decode_backward_active_only(dtype, prefixes):
+    """grad_active_only: g_vals is the true gradient where vals != 0 and exactly 0 elsewhere (those
+    rows unread); the other gradients are unchanged."""
+    gen = _gen("decode-active-only", dtype, prefixes)
+    N, d, F, widths = 21, 90, 31, [7, 4, 2]
+    idx, vals = _sparse_codes(N, sum(widths), F, gen, dtype)
+    W, gain = torch.randn(F, d, generator=gen).to(dtype), torch.rand(len(widths), generator=gen).to(dtype)
+    g_out = torch.randn((len(widths), N, d) if prefixes else (N, d), generator=gen).to(dtype)
+    with poisoned_outputs():
+        got = triton_backend.decode_backward(*_dev(g_out, idx, vals, W, gain), widths, prefixes, True, True, True,
+                                             grad_active_only=True)
+    want = list(torch_sparse.decode_backward(g_out, idx, vals, W, gain, widths, prefixes, True, True, True))
+    assert (vals == 0).any() and (want[0][vals == 0] != 0).any(), "the case must have dead slots with a gradient"
+    want[0] = want[0].masked_fill(vals == 0, 0)
+    assert (got[0].cpu()[vals == 0] == 0).all()
+    for name, g, w in zip(("g_vals", "g_W_dec", "g_gain", "g_b_dec"), got, want):
+        assert_close(name, g.cpu(), w, TOL[dtype] * 10)
+
+
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("N, d, K, kp", [(23, 70, 6, 3), (1, 1, 3, 2), (9, 5, 40, 1)])

@@ -21,6 +21,7 @@ from kernels.encode_dense import encode_dense
 from kernels.encode_routed import encode_routed
 
 NAME = "triton"
+BACKWARD_OPTIONS = ("grad_active_only",)  # taken natively (hsae_fast.backends.common.native_options)
 
 
 def available() -> tuple[bool, str]:
@@ -63,8 +64,9 @@ def decode_forward(idx, vals, W_dec, level_gain, b_dec, level_widths: list[int],
 
 
 def decode_backward(g_out, idx, vals, W_dec, level_gain, level_widths: list[int], prefixes: bool,
-                    need_vals: bool, need_W_dec: bool, need_gain: bool):
-    """See `torch_sparse.decode_backward`."""
+                    need_vals: bool, need_W_dec: bool, need_gain: bool, grad_active_only: bool = False):
+    """See `torch_sparse.decode_backward`; `grad_active_only`: the vals gradient only where vals != 0,
+    0 elsewhere (those slots' rows are not read)."""
     with _on(W_dec.device):
         return _decode_backward(g_out, idx, vals, W_dec, level_gain, level_widths, prefixes,
-                                need_vals, need_W_dec, need_gain)
+                                need_vals, need_W_dec, need_gain, grad_active_only)
