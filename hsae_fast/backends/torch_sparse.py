@@ -49,9 +49,11 @@ def _scatter_rows(idx: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, 
     with warnings.catch_warnings():
         # CSR matmul is solid for this one product; its "beta" notice would only alarm users.
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        # torch 2.11 warns that the checks are off even when asked to be (built valid above)
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
         S = torch.sparse_csr_tensor(crow, token, weights.reshape(-1)[order].to(rows.dtype), (num_features, N),
                                     check_invariants=False)
-    return S @ rows
+        return S @ rows
 
 
 def _gather_dot(rows: torch.Tensor, table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
