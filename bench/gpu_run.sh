@@ -13,7 +13,7 @@
 # Steps are time-boxed so the whole run ends inside one 10-minute call (device time is 15 min a
 # session, start included); a failing step is logged and the next one still runs.
 # Files back in $OUT (at most 8): env.txt, tests.log, timing.md, timing.log, bench.log,
-# bench_results.md, bench_results.tgz.
+# bench_results.md, bench_results.tgz, trainer.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -120,8 +120,8 @@ if [[ -d .whl ]] && compgen -G ".whl/*.whl" > /dev/null; then
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-# GPU_STEPS picks the device steps (a rerun of what failed): any of tests routed ops timing.
-GPU_STEPS=" ${GPU_STEPS:-tests routed ops timing} "
+# GPU_STEPS picks the device steps (a rerun of what failed): any of tests routed ops trainer timing.
+GPU_STEPS=" ${GPU_STEPS:-tests routed ops trainer timing} "
 wants() { [[ "$GPU_STEPS" == *" $1 "* ]]; }
 
 step() {  # step NAME SECONDS LOG COMMAND...: run with a time limit, log, never abort the script
@@ -147,6 +147,9 @@ if [[ "$MODE" == "--dry-run" ]]; then
   step "import backend" 120 "$OUT/tests.log" "$PY" -c "from hsae_fast.backends import get_backend; get_backend('triton', 'cpu'); print('triton backend imports')"
   step "collect tests" 120 "$OUT/tests.log" "$PY" -m pytest -q --collect-only -p no:cacheprovider tests/test_triton_kernels.py tests/test_backends.py
   step "collect bench" 120 "$OUT/bench.log" "$PY" -m pytest -q --collect-only -p no:cacheprovider bench/
+  step "trainer" 120 "$OUT/trainer.log" "$PY" -c "import sys; from hsae_fast.cli import main; sys.exit(main())" \
+    train --data synthetic --out "$OUT/demo_run" --baseline flat --tokens 16384 --batch-size 1024 \
+    --eval-tokens 4096 --progress false
   TIMING_SHAPE="64 32 256 8"   # N d F K: seconds under the interpreter
 else
   # Correctness on CUDA tensors: the kernel tests and the full backend product (DeviceMirror).
@@ -163,6 +166,10 @@ else
     "$PY" -m pytest bench/ -q -rf --durations=15 -p no:cacheprovider -k "test_case and routed" --bench-out "$results/routed"
   wants ops && step "pytest bench/ -k 'gpt2 or gemma'" 140 "$OUT/bench.log" \
     "$PY" -m pytest bench/ -q -rf --durations=15 -p no:cacheprovider -k "test_case and (gpt2 or gemma) or test_peer_installed" --bench-out "$results/ops"
+  # The trainer end to end on CUDA (the README's demo task, larger batches): it has never run there.
+  wants trainer && step "trainer on CUDA: hsae train --data synthetic --baseline flat" 75 "$OUT/trainer.log" \
+    "$PY" -c "import sys; from hsae_fast.cli import main; sys.exit(main())" train --data synthetic \
+    --out /tmp/hsae_gpu_demo --baseline flat --batch-size 4096 --progress false
   for part in routed ops; do
     [[ -f "$results/$part/results.md" ]] && cat "$results/$part/results.md" >> "$OUT/bench_results.md"
   done
