@@ -1,6 +1,6 @@
 """Turn `pytest bench/`'s JSON into a Markdown table and PNG plots, next to the JSON.
 
-    python -m bench.report                     every bench/results/*/benchmark.json
+    python -m bench.report                     every benchmark.json under bench/results/
     python -m bench.report PATH [PATH ...]     a results folder or a benchmark.json each
 
 Every figure comes from the JSON (pytest-benchmark's format; each case's extra_info holds all its
@@ -234,7 +234,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="*", type=Path, help="results folders or benchmark.json files")
     args = parser.parse_args(argv)
-    paths = args.paths or sorted((HERE / "results").glob("*/benchmark.json"))
+    paths = args.paths or sorted((HERE / "results").glob("**/benchmark.json"))
     if not paths:
         print("no results: run `pytest bench/` first", file=sys.stderr)
         return 1
