@@ -75,6 +75,8 @@ warps, stages = blocks.pop("num_warps"), blocks.pop("num_stages")
 check(routed._routed_scores_kernel, dict(**bf16, **blocks, BLOCK_C=64), warps, stages)
 check(decode._gather_sum_kernel, dict(HAS_BIAS=True, PREFIXES=True, ACC=tl.float32, BLOCK_K=decode._BLOCK_K,
                                       BLOCK_D=decode._BLOCK_D), 4, 2)
+check(decode._gather_dot_kernel, dict(ACTIVE_ONLY=True, ACC=tl.float32, BLOCK_K=decode._BLOCK_K,
+                                      BLOCK_D=decode._BLOCK_D), 4, 2)
 check(decode._scatter_rows_atomic_kernel, dict(NUM_SUMS=2, ACC=tl.float32, BLOCK_K=decode._BLOCK_K,
                                                BLOCK_D=decode._BLOCK_D), 4, 2)
 check(decode._scatter_rows_sorted_kernel, dict(NUM_SUMS=2, SUMS_PAD=2, ACC=tl.float32, BLOCK_E=decode._BLOCK_E,
