@@ -39,19 +39,23 @@ def _scatter_rows(idx: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, 
     """out[f] = sum over (n, j) with idx[n, j] == f of weights[n, j] * rows[n]  -> (F, d).
 
     The transpose of `_weighted_rows`: slots are sorted by feature (a stable sort: deterministic)
-    and multiplied as a CSR (F, N) matrix, so no (N*K, d) buffer is built."""
+    and multiplied as a CSR (F, N) matrix, so no (N*K, d) buffer is built. Slots of weight 0 are
+    left out: they add nothing, and they are most of a batch-selected code (kmax = 4 k slots) and
+    all of its empty slots, which name feature 0 (on a GPU, one row's worth of serialised work)."""
     N, K = idx.shape
-    flat = idx.reshape(-1)
+    w = weights.reshape(-1)
+    kept = (w != 0).nonzero().squeeze(1)
+    flat = idx.reshape(-1)[kept]
     order = torch.argsort(flat, stable=True)
     crow = torch.zeros(num_features + 1, dtype=torch.int64, device=idx.device)
     crow[1:] = torch.cumsum(torch.bincount(flat, minlength=num_features), 0)
-    token = torch.div(order, K, rounding_mode="floor")
+    token = torch.div(kept[order], K, rounding_mode="floor")
     with warnings.catch_warnings():
         # CSR matmul is solid for this one product; its "beta" notice would only alarm users.
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
         # torch 2.11 warns that the checks are off even when asked to be (built valid above)
         warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
-        S = torch.sparse_csr_tensor(crow, token, weights.reshape(-1)[order].to(rows.dtype), (num_features, N),
+        S = torch.sparse_csr_tensor(crow, token, w[kept[order]].to(rows.dtype), (num_features, N),
                                     check_invariants=False)
         return S @ rows
 
