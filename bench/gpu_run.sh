@@ -181,7 +181,7 @@ fi
 
 # Standalone timing of the encode against torch.matmul and matmul + topk (issue 4's targets), the
 # routed encode of a wide level, and the decode's bandwidth; round-robin, medians, peak memory.
-wants timing && step "standalone timing" 50 "$OUT/timing.log" "$PY" - $TIMING_SHAPE "$OUT/timing.md" <<'PY'
+wants timing && step "standalone timing" 80 "$OUT/timing.log" "$PY" - $TIMING_SHAPE "$OUT/timing.md" <<'PY'
 import statistics
 import sys
 import time
@@ -325,6 +325,34 @@ lines += ["", f"copy bandwidth (read + write): {copy_bw / 1e9:.0f} GB/s",
           f"targets (issue 4): encode_dense <= 1.25x matmul, >= 1.5x faster than matmul+topk; decode >= 60% of copy"]
 open(report, "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
+
+# Where a training step's GPU time goes (into timing.log): the flat and the 3-level model of the
+# GPT-2-small set, triton backend, bf16, kernels by CUDA time over three steps.
+if cuda:
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.cases import default_tree, flat
+    from hsae_fast import HSAELayer
+
+    xs = torch.randn(8192, 768, device=device, dtype=dtype)
+    for spec in (flat(24576, 32), default_tree(24576, (20, 8, 4))):
+        layer = HSAELayer(spec.config(768), backend="triton", device=device, dtype=dtype).train()
+        opt = torch.optim.AdamW(layer.parameters(), lr=1e-4, fused=True)
+
+        def train_step():
+            opt.zero_grad(set_to_none=True)
+            (layer(xs, selection=spec.selection).x_hat - xs).float().pow(2).sum(-1).mean().backward()
+            opt.step()
+
+        for _ in range(3):
+            train_step()
+        sync()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                train_step()
+            sync()
+        print(f"\n## {spec.label} {spec.level_sizes} k={spec.k} {spec.selection}: 3 steps")
+        print(prof.key_averages().table(sort_by="device_time_total", row_limit=20, max_name_column_width=60))
 PY
 
 ls -la "$OUT"
