@@ -149,9 +149,8 @@ if [[ "$MODE" == "--dry-run" ]]; then
   step "import backend" 120 "$OUT/tests.log" "$PY" -c "from hsae_fast.backends import get_backend; get_backend('triton', 'cpu'); print('triton backend imports')"
   step "collect tests" 120 "$OUT/tests.log" "$PY" -m pytest -q --collect-only -p no:cacheprovider tests/test_triton_kernels.py tests/test_backends.py
   step "collect bench" 120 "$OUT/bench.log" "$PY" -m pytest -q --collect-only -p no:cacheprovider bench/
-  step "trainer" 120 "$OUT/trainer.log" "$PY" -c "import sys; from hsae_fast.cli import main; sys.exit(main())" \
-    train --data synthetic --out "$OUT/demo_run" --baseline flat --tokens 16384 --batch-size 1024 \
-    --eval-tokens 4096 --progress false
+  step "trainer" 120 "$OUT/trainer.log" "$PY" -m hsae_fast.cli train --data synthetic --out "$OUT/demo_run" \
+    --baseline flat --tokens 16384 --batch-size 1024 --eval-tokens 4096 --progress false
   TIMING_SHAPE="64 32 256 8"   # N d F K: seconds under the interpreter
 else
   # Correctness on CUDA tensors: the kernel tests and the full backend product (DeviceMirror).
@@ -170,7 +169,7 @@ else
     "$PY" -m pytest bench/ -q -rf --durations=15 -p no:cacheprovider -k "test_case and (gpt2 or gemma) or test_peer_installed" --bench-out "$results/ops"
   # The trainer end to end on CUDA (the README's demo task, larger batches): it has never run there.
   wants trainer && step "trainer on CUDA: hsae train --data synthetic --baseline flat" 75 "$OUT/trainer.log" \
-    "$PY" -c "import sys; from hsae_fast.cli import main; sys.exit(main())" train --data synthetic \
+    "$PY" -m hsae_fast.cli train --data synthetic \
     --out /tmp/hsae_gpu_demo --baseline flat --batch-size 4096 --progress false
   for part in routed ops; do
     [[ -f "$results/$part/results.md" ]] && cat "$results/$part/results.md" >> "$OUT/bench_results.md"
@@ -267,7 +266,7 @@ def chunked_matmul_topk(chunk=max(1, 2**26 // N)):
     chunks' winners: the dense encode's alternative with bounded memory."""
     vals_, ids_ = [], []
     for f0 in range(0, F, chunk):
-        top = torch.topk(torch.addmm(b[f0:f0 + chunk], xc, W[f0:f0 + chunk].T), min(K, min(chunk, F - f0)), dim=1)
+        top = torch.topk(torch.addmm(b[f0:f0 + chunk], xc, W[f0:f0 + chunk].T), min(K, chunk, F - f0), dim=1)
         vals_.append(top.values)
         ids_.append(top.indices + f0)
     best = torch.topk(torch.cat(vals_, 1), K, dim=1)
