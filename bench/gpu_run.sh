@@ -180,7 +180,7 @@ fi
 
 # Standalone timing of the encode against torch.matmul and matmul + topk (issue 4's targets), the
 # routed encode of a wide level, and the decode's bandwidth; round-robin, medians, peak memory.
-wants timing && step "standalone timing" 80 "$OUT/timing.log" "$PY" - $TIMING_SHAPE "$OUT/timing.md" <<'PY'
+wants timing && step "standalone timing and step profiles" 200 "$OUT/timing.log" "$PY" - $TIMING_SHAPE "$OUT/timing.md" <<'PY'
 import statistics
 import sys
 import time
@@ -325,33 +325,48 @@ lines += ["", f"copy bandwidth (read + write): {copy_bw / 1e9:.0f} GB/s",
 open(report, "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 
-# Where a training step's GPU time goes (into timing.log): the flat and the 3-level model of the
-# GPT-2-small set, triton backend, bf16, kernels by CUDA time over three steps.
+# Where a training step's GPU time goes (into timing.log): per model, the wall time of a step against
+# the summed kernel time (a gap is host work: launches, syncs, Python), the host syncs, and the kernels
+# by device time. GPT-2-small's flat and 3-level models, and issue 10's flat and wide trees (bf16).
 if cuda:
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    from bench.cases import default_tree, flat
+    from bench.cases import default_tree, flat, wide_tree
     from hsae_fast import HSAELayer
 
+    models = ((24576, flat(24576, 32)), (24576, default_tree(24576, (20, 8, 4))),
+              (65536, flat(65536, 32, "batch")), (65536, wide_tree(65536, (20, 8, 4))))
     xs = torch.randn(8192, 768, device=device, dtype=dtype)
-    for spec in (flat(24576, 32), default_tree(24576, (20, 8, 4))):
+    for F_model, spec in models:
         layer = HSAELayer(spec.config(768), backend="triton", device=device, dtype=dtype).train()
         opt = torch.optim.AdamW(layer.parameters(), lr=1e-4, fused=True)
+
+        def forward():
+            with torch.no_grad():
+                layer(xs, selection=spec.selection)
 
         def train_step():
             opt.zero_grad(set_to_none=True)
             (layer(xs, selection=spec.selection).x_hat - xs).float().pow(2).sum(-1).mean().backward()
             opt.step()
 
-        for _ in range(3):
-            train_step()
-        sync()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for fn in (forward, train_step):
             for _ in range(3):
-                train_step()
-            sync()
-        print(f"\n## {spec.label} {spec.level_sizes} k={spec.k} {spec.selection}: 3 steps")
-        print(prof.key_averages().table(sort_by="device_time_total", row_limit=20, max_name_column_width=60))
+                fn()
+            wall = statistics.median(timed(fn) for _ in range(7))
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    fn()
+                sync()
+            events = prof.key_averages()
+            kernel_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 3
+            syncs = {e.key: e.count // 3 for e in events
+                     if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense",
+                                  "cudaMemcpyAsync", "aten::nonzero")}
+            print(f"\n## {spec.label} {spec.level_sizes} k={spec.k} {spec.selection}, {fn.__name__}: "
+                  f"wall {wall * 1e3:.2f} ms, kernels {kernel_us / 1e3:.2f} ms a call; per call {syncs}")
+            print(events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=70))
 PY
 
 ls -la "$OUT"
