@@ -73,8 +73,10 @@ for config in dense._gpu_configs():
 blocks = dict(routed._GPU_BLOCKS)
 warps, stages = blocks.pop("num_warps"), blocks.pop("num_stages")
 check(routed._routed_scores_kernel, dict(**bf16, **blocks, BLOCK_C=64), warps, stages)
-check(decode._gather_sum_kernel, dict(HAS_BIAS=True, PREFIXES=True, ACC=tl.float32, BLOCK_K=decode._BLOCK_K,
-                                      BLOCK_D=decode._BLOCK_D), 4, 2)
+for config in decode._gather_sum_configs():
+    for prefixes in (False, True):
+        check(decode._gather_sum_kernel, dict(HAS_BIAS=True, PREFIXES=prefixes, ACC=tl.float32, **config.kwargs),
+              config.num_warps, config.num_stages)
 check(decode._gather_dot_kernel, dict(ACTIVE_ONLY=True, ACC=tl.float32, BLOCK_K=decode._BLOCK_K,
                                       BLOCK_D=decode._BLOCK_D), 4, 2)
 check(decode._scatter_rows_atomic_kernel, dict(NUM_SUMS=2, ACC=tl.float32, BLOCK_K=decode._BLOCK_K,
@@ -181,9 +183,13 @@ fi
 # Standalone timing of the encode against torch.matmul and matmul + topk (issue 4's targets), the
 # routed encode of a wide level, and the decode's bandwidth; round-robin, medians, peak memory.
 wants timing && step "standalone timing and step profiles" 200 "$OUT/timing.log" "$PY" - $TIMING_SHAPE "$OUT/timing.md" <<'PY'
+import collections
+import os
 import statistics
 import sys
 import time
+import traceback
+import warnings
 
 import torch
 
@@ -261,6 +267,14 @@ code_idx.masked_fill_((code_vals == 0) & (torch.rand(N, 4 * K, device=device) < 
 code_vals_unskipped = code_vals.masked_fill(code_vals == 0, 1e-30)
 
 
+def dense_as(impl):
+    os.environ["HSAE_DENSE_ENCODE"] = impl
+    try:
+        return encode_dense(xc, W, b, mask, K)
+    finally:
+        del os.environ["HSAE_DENSE_ENCODE"]
+
+
 def chunked_matmul_topk(chunk=max(1, 2**26 // N)):
     """cuBLAS GEMM + torch.topk over feature chunks of at most 2^26 scores, then a top-k of the
     chunks' winners: the dense encode's alternative with bounded memory."""
@@ -276,7 +290,8 @@ def chunked_matmul_topk(chunk=max(1, 2**26 // N)):
 cases = {
     "torch.matmul (N x F scores)": lambda: xc @ W.T,
     "matmul + bias + torch.topk": lambda: torch.topk(torch.addmm(b, xc, W.T), K, dim=1),
-    "triton encode_dense (fused top-k)": lambda: encode_dense(xc, W, b, mask, K),
+    "triton encode_dense (fused top-k)": lambda: dense_as("fused"),
+    "encode_dense, gemm path (cuBLAS + topk, 2^26 scores a block)": lambda: dense_as("gemm"),
     "chunked matmul + topk (2^26 scores a chunk)": chunked_matmul_topk,
     f"triton encode_routed ({min(kp, P)} parents x 64 children)": lambda: encode_routed(
         xc, W, b, edge, p_idx, p_vals, child_ptr, child_ids, 64, K),
@@ -367,6 +382,24 @@ if cuda:
             print(f"\n## {spec.label} {spec.level_sizes} k={spec.k} {spec.selection}, {fn.__name__}: "
                   f"wall {wall * 1e3:.2f} ms, kernels {kernel_us / 1e3:.2f} ms a call; per call {syncs}")
             print(events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=70))
+        # Which lines synchronise with the GPU (each one stalls the host until the queue drains).
+        places = []
+
+        def record_sync(message, *_args, **_kwargs):
+            if "synchroniz" in str(message):
+                ours = [f for f in traceback.extract_stack() if "/hsae_fast/" in f.filename or "/kernels/" in f.filename]
+                places.append(" <- ".join(f"{f.filename.split('/')[-1]}:{f.lineno}" for f in ours[::-1][:3]))
+
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record_sync
+            train_step()
+            sync()
+        torch.cuda.set_sync_debug_mode(0)
+        print(f"host syncs in one training step: {len(places)}")
+        for place, count in collections.Counter(places).most_common():
+            print(f"  {count} x {place or '(outside hsae_fast)'}")
 PY
 
 ls -la "$OUT"

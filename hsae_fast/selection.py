@@ -19,7 +19,7 @@ def select_candidates(scores: torch.Tensor, k: int, selection: str, threshold: t
     flat = scores.reshape(-1)
     budget = min(k * scores.shape[0], flat.numel())
     keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[flat.topk(budget, sorted=False).indices] = True
+    keep.scatter_(0, flat.topk(budget, sorted=False).indices, True)  # no host sync, unlike index_put_
     return keep.view_as(scores) & torch.isfinite(scores)
 
 

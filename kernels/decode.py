@@ -15,6 +15,8 @@ All are O(N * K * d) and accumulate in float32 (float64 for float64 input).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -26,6 +28,21 @@ from . import INTERPRETED, acc_dtype, deterministic
 _BLOCK_K = 16
 _BLOCK_D = 64 if INTERPRETED else 128
 _BLOCK_E = 16 if INTERPRETED else 32
+
+
+@triton.jit
+def _gather_sum_block(idx_ptr, coef_ptr, slot_level_ptr, gain_ptr, w_ptr, n, K, d, ds, d_ok, k0, k_hi,
+                      ACC: tl.constexpr, BLOCK_K: tl.constexpr):
+    """sum over slots [k0, min(k0 + BLOCK_K, k_hi)) of token n of gain * coef * W[idx][ds]."""
+    ks = k0 + tl.arange(0, BLOCK_K)
+    k_ok = ks < k_hi
+    feat = tl.load(idx_ptr + n * K + ks, mask=k_ok, other=0)
+    gain = tl.load(gain_ptr + tl.load(slot_level_ptr + ks, mask=k_ok, other=0), mask=k_ok, other=0.0)
+    c = tl.load(coef_ptr + n * K + ks, mask=k_ok, other=0.0).to(ACC) * gain.to(ACC)
+    # A zero coefficient adds nothing: its row is not read (see _scatter_rows_atomic_kernel)
+    rows = tl.load(w_ptr + feat[:, None] * d + ds[None, :], mask=((c != 0) & k_ok)[:, None] & d_ok[None, :],
+                   other=0.0)
+    return tl.sum(c[:, None] * rows.to(ACC), axis=0)
 
 
 @triton.jit
@@ -41,23 +58,37 @@ def _gather_sum_kernel(
     total = tl.zeros((BLOCK_D,), ACC)
     if HAS_BIAS:
         total += tl.load(bias_ptr + ds, mask=d_ok, other=0.0).to(ACC)
-    # Levels top first, so that after level l the running sum is the prefix P_l.
-    for t in range(0, L):
-        level = L - 1 - t
-        for k0 in range(tl.load(level_stop_ptr + level), tl.load(level_stop_ptr + level + 1), BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < tl.load(level_stop_ptr + level + 1)
-            feat = tl.load(idx_ptr + n * K + ks, mask=k_ok, other=0)
-            gain = tl.load(gain_ptr + tl.load(slot_level_ptr + ks, mask=k_ok, other=0), mask=k_ok, other=0.0)
-            c = tl.load(coef_ptr + n * K + ks, mask=k_ok, other=0.0).to(ACC) * gain.to(ACC)
-            # A zero coefficient adds nothing: its row is not read (see _scatter_rows_atomic_kernel)
-            rows = tl.load(w_ptr + feat[:, None] * d + ds[None, :], mask=((c != 0) & k_ok)[:, None] & d_ok[None, :],
-                           other=0.0)
-            total += tl.sum(c[:, None] * rows.to(ACC), axis=0)
-        if PREFIXES:
+    if PREFIXES:
+        # Levels top first, so that after level l the running sum is the prefix P_l.
+        for t in range(0, L):
+            level = L - 1 - t
+            k_hi = tl.load(level_stop_ptr + level + 1)
+            for k0 in range(tl.load(level_stop_ptr + level), k_hi, BLOCK_K):
+                total += _gather_sum_block(idx_ptr, coef_ptr, slot_level_ptr, gain_ptr, w_ptr, n, K, d, ds, d_ok,
+                                           k0, k_hi, ACC, BLOCK_K)
             tl.store(out_ptr + (level * N + n) * d + ds, total, mask=d_ok)
-    if not PREFIXES:
+    else:
+        # One loop over every slot (no per-level stores): the compiler can software-pipeline it,
+        # loading the next block's ids while this block's rows arrive.
+        for k0 in range(0, K, BLOCK_K):
+            total += _gather_sum_block(idx_ptr, coef_ptr, slot_level_ptr, gain_ptr, w_ptr, n, K, d, ds, d_ok,
+                                       k0, K, ACC, BLOCK_K)
         tl.store(out_ptr + n * d + ds, total, mask=d_ok)
+
+
+def _gather_sum_configs():
+    """GPU candidates. A decode moves little per token (K rows of d): what matters is how many row
+    loads are in flight, so the candidates trade slots per step against columns per program (one
+    program for a whole row of d=768 at BLOCK_D 1024); the first is the untuned default."""
+    shapes = ((16, 128, 4, 1), (16, 128, 4, 3), (32, 128, 4, 3), (16, 256, 4, 3),
+              (32, 256, 8, 3), (8, 512, 4, 3), (16, 512, 8, 3), (8, 1024, 8, 3))
+    return [triton.Config({"BLOCK_K": k, "BLOCK_D": dk}, num_warps=warps, num_stages=stages)
+            for k, dk, warps, stages in shapes]
+
+
+_GATHER_AUTOTUNE_MIN_WORK = 1 << 24  # N * K * d above which the tuned kernel runs (tests stay untuned)
+_gather_sum_tuned = None if INTERPRETED else triton.autotune(
+    configs=_gather_sum_configs(), key=["d", "K", "PREFIXES", "HAS_BIAS"])(_gather_sum_kernel)
 
 
 @triton.jit
@@ -153,7 +184,14 @@ def _acc_torch(dtype: torch.dtype) -> torch.dtype:
 
 
 def slot_levels(level_widths: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K,) int32 level of each slot, and (L + 1,) int32 first slot of each level."""
+    """(K,) int32 level of each slot, and (L + 1,) int32 first slot of each level (shared: read only)."""
+    return _slot_levels(tuple(int(w) for w in level_widths), torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _slot_levels(level_widths: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Cached: a host-to-device copy from pageable memory synchronises the stream, and every
+    # launcher needs these, so uncached they were a dozen syncs in each GPU training step.
     widths = torch.tensor(level_widths, dtype=torch.int64)
     stops = torch.zeros(len(level_widths) + 1, dtype=torch.int32)
     stops[1:] = widths.cumsum(0)
@@ -171,11 +209,13 @@ def gather_sum(idx, coef, W, gain, level_widths: list[int], bias=None, prefixes:
     L = len(level_widths)
     out = new_output((L, N, d) if prefixes else (N, d), out_dtype or W.dtype, W.device)
     if N:
-        _gather_sum_kernel[(N, triton.cdiv(d, _BLOCK_D))](
+        tuned = _gather_sum_tuned is not None and N * K * d >= _GATHER_AUTOTUNE_MIN_WORK
+        kernel, blocks = (_gather_sum_tuned, {}) if tuned else (_gather_sum_kernel,
+                                                                {"BLOCK_K": _BLOCK_K, "BLOCK_D": _BLOCK_D})
+        kernel[lambda meta: (N, triton.cdiv(d, meta["BLOCK_D"]))](
             idx, coef, levels, gain.contiguous(), stops, W, bias if bias is not None else W, out,
             N, K, d, L,
-            HAS_BIAS=bias is not None, PREFIXES=prefixes, ACC=acc_dtype(W.dtype),
-            BLOCK_K=_BLOCK_K, BLOCK_D=_BLOCK_D,
+            HAS_BIAS=bias is not None, PREFIXES=prefixes, ACC=acc_dtype(W.dtype), **blocks,
         )
     return out
 

@@ -86,7 +86,9 @@ def _group_pairs_by_parent(parent_idx, parent_vals, num_parents: int, block_t: i
     active = parent_vals != 0
     bucket = torch.where(active, parent_idx, num_parents).reshape(-1)
     pair_order = torch.sort(bucket, stable=True).indices
-    counts = torch.bincount(bucket, minlength=num_parents + 1)[:num_parents]
+    # scatter_add, not bincount: on CUDA bincount reads the largest id back to the host (a sync)
+    counts = torch.zeros(num_parents + 1, dtype=torch.int64, device=device)
+    counts = counts.scatter_add_(0, bucket, torch.ones_like(bucket))[:num_parents]
     zero = torch.zeros(1, dtype=torch.int64, device=device)
     pair_ptr = torch.cat([zero, counts.cumsum(0)])
     block_ptr = torch.cat([zero, ((counts + block_t - 1) // block_t).cumsum(0)])

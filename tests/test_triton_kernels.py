@@ -72,14 +72,18 @@ DENSE_SHAPES = {  # name -> N, d, level size, kmax  (blocks are 32 rows x 32 fea
 }
 
 
-@pytest.mark.parametrize("with_parent", [False, True])
+# The fused kernel, and the vendor GEMM + torch.topk (CUDA's default; parent codes always take the kernel).
+@pytest.mark.parametrize("with_parent, impl", [(False, "fused"), (False, "gemm"), (True, "fused")])
 @pytest.mark.parametrize("dtype, chunks", [(torch.float32, 1), (torch.float32, 3), (torch.bfloat16, 3),
                                            (torch.float64, 1)], ids=str)
 @pytest.mark.parametrize("shape", list(DENSE_SHAPES))
-def test_dense_encode_matches_torch(shape, dtype, with_parent, chunks, monkeypatch):
+def test_dense_encode_matches_torch(shape, dtype, with_parent, impl, chunks, monkeypatch):
     N, d, size, kmax = DENSE_SHAPES[shape]
     gen = _gen("dense", shape, dtype, with_parent, chunks)
+    monkeypatch.setenv("HSAE_DENSE_ENCODE", impl)
+    # chunks: feature chunks of the fused kernel, rows per block of the GEMM
     monkeypatch.setattr(encode_dense_module, "_num_chunks", lambda *_: chunks)
+    monkeypatch.setattr(encode_dense_module, "GEMM_BLOCK_SCORES", chunks * size)
     parents = 4  # the level's features hang under 4 parents (local ids of the level above)
     xc, W = torch.randn(N, d, generator=gen).to(dtype), torch.randn(size, d, generator=gen).to(dtype)
     b, edge = torch.randn(size, generator=gen).to(dtype), torch.randn(size, generator=gen).to(dtype)
@@ -117,12 +121,16 @@ def test_auxk_candidates_from_the_dense_encode():
     assert_close("auxk scores", scores.cpu().sort(dim=1).values, want.values.sort(dim=1).values, 1e-5)
 
 
-def test_dense_encode_errors_name_the_problem():
+def test_dense_encode_errors_name_the_problem(monkeypatch):
     xc, W = _dev(torch.randn(2, 3), torch.randn(4, 3))
     b, mask = _dev(torch.zeros(4), torch.ones(4, dtype=torch.bool))
     with pytest.raises(TypeError, match="dtype torch.int32 is not supported"):
         triton_backend.encode_forward(xc.int(), W.int(), b, b, mask, None, None, None, None, None, 0, 2, False)
     p_idx, p_vals = _dev(torch.zeros(2, 300, dtype=torch.int64), torch.zeros(2, 300))
+    monkeypatch.setenv("HSAE_DENSE_ENCODE", "gpu")
+    with pytest.raises(ValueError, match="HSAE_DENSE_ENCODE='gpu': expected auto, gemm or fused"):
+        kernels.encode_dense.encode_dense(xc, W, b, mask, 2)
+    monkeypatch.setenv("HSAE_DENSE_ENCODE", "auto")
     with pytest.raises(ValueError, match="level_size=5000000 with 9 parent-slot bits"):
         kernels.encode_dense.encode_dense(xc, W[:1].expand(5_000_000, 3), b, mask, 2, b, b, p_idx, p_vals)
 
@@ -324,8 +332,9 @@ class _LargestAllocation(TorchDispatchMode):
         return out
 
 
-def test_encodes_hold_no_n_by_f_buffer():
-    """Dense and routed encode and the backward allocate O(N * K) (plus inputs' sizes), never N x F_l."""
+def test_encodes_hold_no_n_by_f_buffer(monkeypatch):
+    """Dense and routed encode and the backward allocate O(N * K) (plus inputs' sizes), never N x F_l;
+    the dense encode's GEMM path, at most GEMM_BLOCK_SCORES scores at a time."""
     N, d, sizes, kp, kmax = 64, 4, (512, 64), 2, 4
     tensors, C = _routed_case(N, d, sizes, torch.float32, _gen("memory"), kp, False)
     xc, W, b, edge, mask, parent, p_idx, p_vals, ptr, ids = _dev(*tensors)
@@ -333,13 +342,19 @@ def test_encodes_hold_no_n_by_f_buffer():
     inputs = 8 * max(F * d, N * d, F)  # bytes, int64 included
     with _LargestAllocation() as routed:
         codes = triton_backend.encode_forward(xc, W, b, edge, mask, parent, p_idx, p_vals, ptr, ids, C, kmax, True)
+    monkeypatch.setenv("HSAE_DENSE_ENCODE", "fused")
     with _LargestAllocation() as dense:
+        triton_backend.encode_forward(xc, W, b, edge, mask, parent, None, None, None, None, 0, kmax, False)
+    monkeypatch.setenv("HSAE_DENSE_ENCODE", "gemm")
+    monkeypatch.setattr(encode_dense_module, "GEMM_BLOCK_SCORES", 4 * sizes[0])  # 4 rows a block
+    with _LargestAllocation() as gemm:
         triton_backend.encode_forward(xc, W, b, edge, mask, parent, None, None, None, None, 0, kmax, False)
     with _LargestAllocation() as backward:
         triton_backend.encode_backward(torch.ones_like(codes[1]), codes[0], codes[2], xc, W, edge, p_vals,
                                        True, True, True, True)
     assert routed.largest <= max(inputs, 8 * N * kp * C), f"routed encode allocated {routed.largest} bytes"
     assert dense.largest <= max(inputs, 8 * N * kmax * 8), f"dense encode allocated {dense.largest} bytes"
+    assert gemm.largest <= max(inputs, 8 * N * kmax * 8), f"dense encode (gemm) allocated {gemm.largest} bytes"
     assert backward.largest <= inputs, f"encode backward allocated {backward.largest} bytes"
     assert 4 * N * sizes[0] > 2 * max(inputs, 8 * N * kp * C), "the shape must tell O(N*K) from a float32 N x F"
 

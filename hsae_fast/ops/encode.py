@@ -103,7 +103,9 @@ def encode_tree_backward(
     g = torch.where(live, g_vals.to(acc), 0)
     edges = edge_weight.to(acc)
     has_parents = len(level_widths) > 1
-    if has_parents and bool(edges.any()):
+    # Edges all zero (their start) make this a no-op; asking costs a host sync on a GPU, so there
+    # it always runs (a few (N, K) ops), while the CPU skips it.
+    if has_parents and (xc.is_cuda or bool(edges.any())):
         # A child's score holds edge * (its parent's activation), so its gradient reaches the
         # parent's activation, and through it the parent's score. Bottom level first: a level
         # passes its gradient up only once it has received all of its own.
