@@ -37,6 +37,11 @@ def _all_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
+def _capturing(x: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on x's device (no host syncs allowed then)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 class HSAELayer(nn.Module):
     """A hierarchical sparse autoencoder (a flat TopK SAE when the config has one level).
 
@@ -109,8 +114,9 @@ class HSAELayer(nn.Module):
         if x.device != self.W_enc.device:
             raise ValueError(f"HSAELayer input is on {x.device} but the weights are on {self.W_enc.device}")
         x2 = x.reshape(-1, self.cfg.d_model)
-        if self.cfg.check_finite and torch.compiler.is_compiling():
-            # a compiled graph cannot branch on data: the check runs inside it and raises there
+        if self.cfg.check_finite and (torch.compiler.is_compiling() or _capturing(x2)):
+            # a compiled graph or a captured CUDA graph cannot branch on data: the check runs
+            # inside it and raises there
             torch._assert_async(torch.isfinite(x2).all(), "HSAELayer input holds NaN or Inf")
         elif self.cfg.check_finite and x2.numel() and not _all_finite(x2):
             bad = (~torch.isfinite(x2)).nonzero()[0].tolist()

@@ -10,11 +10,12 @@ row's current worst while it beats it, so after the first tiles most tiles need 
 steps. The (N, n_chunks, kmax) partial winners are merged by `kernels.select.top_candidates`.
 Memory: O(N * n_chunks * kmax).
 
-On CUDA a level without parent codes takes the other implementation by default, the vendor GEMM:
-cuBLAS scores a block of rows (float32 results, at most `GEMM_BLOCK_SCORES` of them) and
-`torch.topk` keeps each row's kmax. On an H100 that ran 1.3-2x faster than the fused kernel
-(bench/results/gpu-h100), whose per-tile top-k epilogue is the cost. HSAE_DENSE_ENCODE=fused|gemm
-picks one; `auto` (the default) is gemm on CUDA, fused elsewhere (the interpreter).
+HSAE_DENSE_ENCODE=gemm picks the other implementation for levels without parent codes, the vendor
+GEMM: cuBLAS scores a block of rows (float32 results, at most `GEMM_BLOCK_SCORES` of them) and
+`torch.topk` keeps each row's kmax. It is not the default (`auto` = fused): cuBLAS + topk on
+bfloat16 scores beats the fused kernel, but the exact float32 scores this contract needs make the
+top-k twice the work. On an H200 (bench/results/gpu-h200), N=8192, d=2304, F=65536, K=64 bf16:
+fused 11.6 ms, gemm 12.4 ms; issue 10's flat forward (d=768, batch kmax 128): 12.8 against 11.6.
 """
 from __future__ import annotations
 
@@ -189,18 +190,14 @@ GEMM_BLOCK_SCORES = 1 << 26  # the gemm path's scores buffer: 256 MiB of float32
 
 
 def dense_encode_impl(xc: torch.Tensor, has_parent: bool) -> str:
-    """"gemm" or "fused": HSAE_DENSE_ENCODE, or by default gemm on CUDA. Levels with parent codes
-    (gating "none" below the top) always take the fused kernel, which adds the edge term per tile;
-    so do float32 levels while torch may use TF32 (the float32 contract is exact products)."""
+    """"gemm" or "fused" (HSAE_DENSE_ENCODE; auto is fused). Levels with parent codes (gating "none"
+    below the top) always take the fused kernel, which adds the edge term per tile; so do float32
+    levels on CUDA while torch may use TF32 (the float32 contract is exact products)."""
     choice = os.environ.get("HSAE_DENSE_ENCODE", "auto").strip().lower()
     if choice not in ("auto", "gemm", "fused"):
         raise ValueError(f"HSAE_DENSE_ENCODE={choice!r}: expected auto, gemm or fused")
-    if has_parent:
-        return "fused"
-    if choice == "auto":
-        exact = xc.dtype != torch.float32 or torch.get_float32_matmul_precision() == "highest"
-        return "gemm" if xc.is_cuda and exact else "fused"
-    return choice
+    tf32 = xc.is_cuda and xc.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+    return "gemm" if choice == "gemm" and not has_parent and not tf32 else "fused"
 
 
 def _gemm_scores(xc, W_enc, bias):
@@ -240,6 +237,7 @@ def encode_dense(xc, W_enc, b_enc, path_mask, kmax: int,
     level_size = W_enc.shape[0]
     device = xc.device
     has_parent = parent_idx is not None
+    dot_operand_dtype(xc.dtype)  # names an unsupported dtype, whichever path runs
     if dense_encode_impl(xc, has_parent) == "gemm":
         return _encode_dense_gemm(xc, W_enc, b_enc, path_mask, kmax)
     acc_torch = torch.float64 if xc.dtype == torch.float64 else torch.float32

@@ -72,7 +72,7 @@ DENSE_SHAPES = {  # name -> N, d, level size, kmax  (blocks are 32 rows x 32 fea
 }
 
 
-# The fused kernel, and the vendor GEMM + torch.topk (CUDA's default; parent codes always take the kernel).
+# The fused kernel, and the vendor GEMM + torch.topk (HSAE_DENSE_ENCODE=gemm; parent codes always take the kernel).
 @pytest.mark.parametrize("with_parent, impl", [(False, "fused"), (False, "gemm"), (True, "fused")])
 @pytest.mark.parametrize("dtype, chunks", [(torch.float32, 1), (torch.float32, 3), (torch.bfloat16, 3),
                                            (torch.float64, 1)], ids=str)
@@ -127,6 +127,9 @@ def test_dense_encode_errors_name_the_problem(monkeypatch):
     with pytest.raises(TypeError, match="dtype torch.int32 is not supported"):
         triton_backend.encode_forward(xc.int(), W.int(), b, b, mask, None, None, None, None, None, 0, 2, False)
     p_idx, p_vals = _dev(torch.zeros(2, 300, dtype=torch.int64), torch.zeros(2, 300))
+    monkeypatch.setenv("HSAE_DENSE_ENCODE", "gemm")
+    with pytest.raises(TypeError, match="dtype torch.int32 is not supported"):
+        triton_backend.encode_forward(xc.int(), W.int(), b, b, mask, None, None, None, None, None, 0, 2, False)
     monkeypatch.setenv("HSAE_DENSE_ENCODE", "gpu")
     with pytest.raises(ValueError, match="HSAE_DENSE_ENCODE='gpu': expected auto, gemm or fused"):
         kernels.encode_dense.encode_dense(xc, W, b, mask, 2)
