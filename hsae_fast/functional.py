@@ -49,12 +49,29 @@ def encode(
     return [LevelCodes(i, v, s) for i, v, s in levels]
 
 
+def joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The levels' (N, kmax_l) blocks side by side as one (N, K) tensor: the tensor `encode` split
+    them from when they are still its consecutive column views (no copy, no op), else their
+    concatenation. Autograd is the same either way: the views' gradients went to that tensor."""
+    base = parts[0]._base
+    if (base is not None and not torch.compiler.is_compiling() and base.dim() == 2 and base.is_contiguous()
+            and base.shape[1] == sum(p.shape[1] for p in parts)):
+        offset = base.storage_offset()
+        for p in parts:
+            if p._base is not base or p.storage_offset() != offset or p.shape[0] != base.shape[0] \
+                    or p.stride() != base.stride():
+                break
+            offset += p.shape[1]
+        else:
+            return base
+    return torch.cat(parts, dim=1)
+
+
 def decode(codes: list[LevelCodes], W_dec, level_gain, b_dec, backend: str, prefixes: bool = False,
            row_grads: bool = False, grad_active_only: bool = False) -> torch.Tensor:
     """x_hat (N, d), or with `prefixes` (L, N, d) where [m] = b_dec + sum_{l >= m} gain_l * D_l;
     `row_grads` as in `encode` (W_dec's gradient); `grad_active_only`: no gradient reaches a value
     of 0 (as the encode's gradient needs: see `sparse_decode`)."""
-    idx = torch.cat([c.idx for c in codes], dim=1)
-    vals = torch.cat([c.vals for c in codes], dim=1)
+    idx, vals = joined([c.idx for c in codes]), joined([c.vals for c in codes])
     return sparse_decode(idx, vals, W_dec, level_gain, b_dec, [c.idx.shape[1] for c in codes], prefixes, backend,
                          row_grads, grad_active_only)

@@ -83,15 +83,14 @@ def _group_pairs_by_parent(parent_idx, parent_vals, num_parents: int, block_t: i
     The bound cdiv(pairs, block_t) + min(pairs, num_parents) avoids reading the count on the host.
     """
     device = parent_idx.device
-    active = parent_vals != 0
-    bucket = torch.where(active, parent_idx, num_parents).reshape(-1)
+    bucket = parent_idx.masked_fill(parent_vals == 0, num_parents).reshape(-1)  # inactive: past the last
     pair_order = torch.sort(bucket, stable=True).indices
-    # scatter_add, not bincount: on CUDA bincount reads the largest id back to the host (a sync)
-    counts = torch.zeros(num_parents + 1, dtype=torch.int64, device=device)
-    counts = counts.scatter_add_(0, bucket, torch.ones_like(bucket))[:num_parents]
-    zero = torch.zeros(1, dtype=torch.int64, device=device)
-    pair_ptr = torch.cat([zero, counts.cumsum(0)])
-    block_ptr = torch.cat([zero, ((counts + block_t - 1) // block_t).cumsum(0)])
+    # scatter_add, not bincount: on CUDA bincount reads the largest id back to the host (a sync).
+    # counts[p + 1] counts parent p, so the prefix sums start at 0 without a concatenation.
+    counts = torch.zeros(num_parents + 2, dtype=torch.int64, device=device)
+    counts = counts.scatter_add_(0, bucket + 1, torch.ones_like(bucket))[:num_parents + 1]
+    pair_ptr = counts.cumsum(0)
+    block_ptr = counts.add_(block_t - 1).floor_divide_(block_t).cumsum(0)  # counts[0] = 0 stays 0
     pairs = bucket.numel()
     bound = max(1, triton.cdiv(pairs, block_t) + min(pairs, num_parents))
     block_parent = torch.searchsorted(block_ptr[1:], torch.arange(bound, device=device), right=True)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from hsae_fast.backends.common import new_output
-
 
 def top_candidates(cand_scores: torch.Tensor, cand_ids: torch.Tensor, cand_slots: torch.Tensor | None,
                    kmax: int, slot_width: int = 0):
@@ -21,24 +19,21 @@ def top_candidates(cand_scores: torch.Tensor, cand_ids: torch.Tensor, cand_slots
     (the routed layout). Returns idx (N, kmax) int64, scores (N, kmax), parent_slot (N, kmax) int64;
     slots without a candidate hold -inf, id 0 and parent slot -1.
     """
-    N, M = cand_scores.shape
-    device = cand_scores.device
-    idx = new_output((N, kmax), torch.int64, device)
-    scores = new_output((N, kmax), cand_scores.dtype, device)
-    parent_slot = new_output((N, kmax), torch.int64, device)
+    M = cand_scores.shape[1]
     width = min(kmax, M)
+    # Few ops on purpose: on a GPU each one costs the host a launch, and this runs once per level.
     top_scores, top_pos = cand_scores.topk(width, dim=1)
     empty = top_scores == float("-inf")
-    scores[:, :width] = top_scores
-    idx[:, :width] = torch.where(empty, 0, cand_ids.gather(1, top_pos).to(torch.int64))
+    idx = cand_ids.gather(1, top_pos).to(torch.int64).masked_fill_(empty, 0)
     if slot_width > 0:
         slots = top_pos // slot_width
     elif cand_slots is not None:
         slots = cand_slots.gather(1, top_pos).to(torch.int64)
     else:
         slots = torch.full_like(top_pos, -1)
-    parent_slot[:, :width] = torch.where(empty, -1, slots)
-    scores[:, width:] = float("-inf")
-    idx[:, width:] = 0
-    parent_slot[:, width:] = -1
-    return idx, scores, parent_slot
+    slots.masked_fill_(empty, -1)
+    if width < kmax:  # fewer candidates than slots: pad as empty slots
+        pad = (0, kmax - width)
+        top_scores = torch.nn.functional.pad(top_scores, pad, value=float("-inf"))
+        idx, slots = torch.nn.functional.pad(idx, pad, value=0), torch.nn.functional.pad(slots, pad, value=-1)
+    return idx, top_scores, slots

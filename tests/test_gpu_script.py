@@ -19,7 +19,8 @@ def test_gpu_run_dry_run_passes_every_step(tmp_path):
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     steps = re.findall(r"^== (.+): exit (\d+) after", done.stdout, flags=re.M)
-    assert {name for name, _ in steps} >= {"import backend", "collect tests", "collect bench", "trainer", "standalone timing"}
+    assert {name for name, _ in steps} >= {"import backend", "collect tests", "collect bench", "trainer",
+                                              "standalone timing and step profiles"}
     failed = [name for name, rc in steps if rc != "0"]
     assert not failed, f"steps failed: {failed}\n" + "".join(p.read_text()[-3000:] for p in tmp_path.glob("*.log"))
     assert "triton encode_routed" in (tmp_path / "timing.md").read_text()

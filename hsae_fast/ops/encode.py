@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..backends import get_backend
-from ..backends.common import accumulation_dtype, level_stops, native_options, new_output, to_row_gradient
+from ..backends.common import accumulation_dtype, level_stops, native_options, to_row_gradient
 from ..selection import activations, select_candidates
 
 
@@ -48,25 +48,27 @@ def encode_tree(
     impl = get_backend(backend)
     L = len(level_sizes)
     offsets, stops = level_stops(level_sizes), level_stops(kmax)
-    N, K = xc.shape[0], stops[-1]
     acc = accumulation_dtype(xc.dtype)
-    idx = new_output((N, K), torch.int64, xc.device)
-    vals = new_output((N, K), acc, xc.device)
-    scores = new_output((N, K), acc, xc.device)
-    parent_slot = new_output((N, K), torch.int64, xc.device)
+    # Each level's outputs, joined once at the end (bottom first): few ops, since on a GPU every
+    # op costs the host a launch and the host, not the GPU, bounds a tree's step there.
+    parts = [[None] * L for _ in range(4)]  # vals, scores, idx, parent_slot
     above_idx = above_vals = None  # the level above's local ids and activations
     for l in reversed(range(L)):
-        rows, cols, top = slice(offsets[l], offsets[l + 1]), slice(stops[l], stops[l + 1]), l == L - 1
+        rows, top = slice(offsets[l], offsets[l + 1]), l == L - 1
         l_idx, l_scores, l_slot = impl.encode_forward(
             xc, W_enc[rows], b_enc[rows], edge_weight[rows], path_mask[rows], local_parent[l], above_idx, above_vals,
             None if top else child_ptr[l], None if top else child_ids[l], 0 if top else max_children[l],
             kmax[l], hard_gating and not top,
         )
+        l_scores = l_scores.to(acc)
         l_vals = activations(l_scores, select_candidates(l_scores, k[l], selection, threshold[l]))
-        idx[:, cols] = l_idx + offsets[l]
-        vals[:, cols], scores[:, cols] = l_vals, l_scores
-        parent_slot[:, cols] = torch.where(l_slot >= 0, l_slot + stops[min(l + 1, L)], -1)
+        parts[0][l], parts[1][l] = l_vals, l_scores
+        parts[2][l] = l_idx + offsets[l] if offsets[l] else l_idx
+        # parent slots are level-local columns: shift them to the parent level's columns here
+        parts[3][l] = l_slot if top else torch.where(l_slot >= 0, l_slot + stops[l + 1], -1)
         above_idx, above_vals = l_idx, l_vals
+    vals, scores, idx, parent_slot = (level_parts[0] if L == 1 else torch.cat(level_parts, dim=1)
+                                      for level_parts in parts)
     return vals, scores, idx, parent_slot
 
 
