@@ -84,13 +84,12 @@ def _group_pairs_by_parent(parent_idx, parent_vals, num_parents: int, block_t: i
     """
     device = parent_idx.device
     bucket = parent_idx.masked_fill(parent_vals == 0, num_parents).reshape(-1)  # inactive: past the last
-    pair_order = torch.sort(bucket, stable=True).indices
-    # scatter_add, not bincount: on CUDA bincount reads the largest id back to the host (a sync).
-    # counts[p + 1] counts parent p, so the prefix sums start at 0 without a concatenation.
-    counts = torch.zeros(num_parents + 2, dtype=torch.int64, device=device)
-    counts = counts.scatter_add_(0, bucket + 1, torch.ones_like(bucket))[:num_parents + 1]
-    pair_ptr = counts.cumsum(0)
-    block_ptr = counts.add_(block_t - 1).floor_divide_(block_t).cumsum(0)  # counts[0] = 0 stays 0
+    sorted_bucket, pair_order = torch.sort(bucket, stable=True)
+    # Each parent's first pair, read off the sorted ids: no histogram (on CUDA bincount syncs, and
+    # an atomic count piles every inactive pair onto one counter).
+    pair_ptr = torch.searchsorted(sorted_bucket, torch.arange(num_parents + 1, device=device))
+    blocks = (pair_ptr[1:] - pair_ptr[:-1]).add_(block_t - 1).floor_divide_(block_t)
+    block_ptr = torch.nn.functional.pad(blocks.cumsum(0), (1, 0))
     pairs = bucket.numel()
     bound = max(1, triton.cdiv(pairs, block_t) + min(pairs, num_parents))
     block_parent = torch.searchsorted(block_ptr[1:], torch.arange(bound, device=device), right=True)
@@ -112,7 +111,7 @@ def encode_routed(xc, W_enc, b_enc, edge_weight, parent_idx, parent_vals, child_
     C = max_children
     acc_torch = torch.float64 if xc.dtype == torch.float64 else torch.float32
     cand_scores = torch.full((N, kp * C), float("-inf"), dtype=acc_torch, device=xc.device)
-    cand_ids = torch.zeros((N, kp * C), dtype=torch.int32, device=xc.device)
+    cand_ids = torch.empty((N, kp * C), dtype=torch.int32, device=xc.device)  # read only where a score is
     num_parents = child_ptr.numel() - 1
     if N and C and child_ids.numel():
         blocks = _INTERPRETER_BLOCKS if INTERPRETED else _GPU_BLOCKS
