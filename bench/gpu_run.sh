@@ -4,6 +4,9 @@
 #   bench/gpu_run.sh --fetch-wheels   here, before the call: peers' wheels into .whl/ (the device has no network)
 #   bench/gpu_run.sh                  on the device: run(command="bash bench/gpu_run.sh", carry=[".whl"], timeout_s=500)
 #                                     (GPU_STEPS="routed ops" bash bench/gpu_run.sh: only those steps)
+#                                     The timing step (profiles, sync sites, CUDA-graph steps) runs last;
+#                                     to have it first when a lease may be cut short, one call can run
+#                                     GPU_STEPS="tests timing" bash bench/gpu_run.sh; GPU_STEPS="routed ops trainer" bash bench/gpu_run.sh
 #   bench/gpu_run.sh --dry-run        anywhere, no GPU: syntax, imports, test collection, and the
 #                                     standalone timing at tiny shapes under the Triton interpreter
 #   bench/gpu_run.sh --compile-check  anywhere, no GPU: compile the kernels for sm_90 with Triton's
