@@ -222,6 +222,23 @@ def test_decode_matches_torch(N, d, widths, dtype, prefixes, deterministic, monk
         assert_close(name, g.cpu(), w, TOL[dtype] * 10)
 
 
+@pytest.mark.parametrize("prefixes", [False, True])
+@pytest.mark.parametrize("config", kernels.decode._gather_sum_configs() if triton_ok else [],
+                         ids=lambda c: f"K{c.kwargs['BLOCK_K']}-D{c.kwargs['BLOCK_D']}-w{c.num_warps}-s{c.num_stages}")
+def test_gather_sum_every_tuned_tile(config, prefixes, monkeypatch):
+    """The autotuner picks the decode's tile on a GPU only at sizes no other test reaches: every
+    candidate tile, on a shape that breaks it (d and the levels' slots off its block sizes)."""
+    monkeypatch.setattr(kernels.decode, "_BLOCK_K", config.kwargs["BLOCK_K"])
+    monkeypatch.setattr(kernels.decode, "_BLOCK_D", config.kwargs["BLOCK_D"])
+    gen = _gen("gather-sum-tile", str(config), prefixes)
+    N, d, F, widths = 5, 70, 23, [11, 3, 2]
+    idx, vals = _sparse_codes(N, sum(widths), F, gen, torch.float32)
+    W, gain, b = torch.randn(F, d, generator=gen), torch.rand(len(widths), generator=gen), torch.randn(d, generator=gen)
+    with poisoned_outputs():
+        out = triton_backend.decode_forward(*_dev(idx, vals, W, gain, b), widths, prefixes)
+    assert_close("decode", out.cpu(), torch_sparse.decode_forward(idx, vals, W, gain, b, widths, prefixes), TOL[torch.float32])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("prefixes", [False, True])
 def test_decode_backward_active_only(dtype, prefixes):
