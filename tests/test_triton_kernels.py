@@ -70,6 +70,7 @@ DENSE_SHAPES = {  # name -> N, d, level size, kmax  (blocks are 32 rows x 32 fea
     "one_token_k_equals_F": (1, 5, 9, 9),
     "kmax_over_live": (5, 7, 6, 8),
 }
+TUNED_TILE_SHAPE = (70, 70, 150, 6)  # d, F and N off every autotuned tile's blocks
 
 
 # The fused kernel, and the vendor GEMM + torch.topk (HSAE_DENSE_ENCODE=gemm; parent codes always take the kernel).
@@ -78,8 +79,13 @@ DENSE_SHAPES = {  # name -> N, d, level size, kmax  (blocks are 32 rows x 32 fea
                                            (torch.float64, 1)], ids=str)
 @pytest.mark.parametrize("shape", list(DENSE_SHAPES))
 def test_dense_encode_matches_torch(shape, dtype, with_parent, impl, chunks, monkeypatch):
-    N, d, size, kmax = DENSE_SHAPES[shape]
-    gen = _gen("dense", shape, dtype, with_parent, chunks)
+    _check_dense_encode(shape, DENSE_SHAPES[shape], dtype, with_parent, impl, chunks, monkeypatch)
+
+
+def _check_dense_encode(name, shape, dtype, with_parent, impl, chunks, monkeypatch):
+    """The triton dense encode against the torch backend's, with outputs poisoned first."""
+    N, d, size, kmax = shape
+    gen = _gen("dense", name, dtype, with_parent, chunks)
     monkeypatch.setenv("HSAE_DENSE_ENCODE", impl)
     # chunks: feature chunks of the fused kernel, rows per block of the GEMM
     monkeypatch.setattr(encode_dense_module, "_num_chunks", lambda *_: chunks)
@@ -105,6 +111,27 @@ def test_dense_encode_matches_torch(shape, dtype, with_parent, impl, chunks, mon
     want = torch_sparse.encode_forward(xc, W, b, edge, mask, parent, p_idx, p_vals, child_ptr, child_ids,
                                        int(counts.max()), kmax, False)
     _assert_same_codes(got, want, dtype)
+
+
+def _dense_tiles():
+    """The GPU autotuner's dense-encode tiles, one per shape (stages do not change the result)."""
+    seen = {}
+    for c in encode_dense_module._gpu_configs() if triton_ok else []:
+        seen.setdefault((c.kwargs["BLOCK_N"], c.kwargs["BLOCK_F"], c.kwargs["BLOCK_D"], c.num_warps), c)
+    return list(seen.values())
+
+
+@pytest.mark.parametrize("with_parent", [False, True])
+@pytest.mark.parametrize("config", _dense_tiles(),
+                         ids=lambda c: "N{BLOCK_N}-F{BLOCK_F}-D{BLOCK_D}".format(**c.kwargs) + f"-w{c.num_warps}")
+def test_dense_encode_every_tuned_tile(config, with_parent, monkeypatch):
+    """The autotuned dense encode runs only at N * F >= 2^24, which no other test reaches: each of its
+    tiles here, on a shape that breaks it, through the same comparison as the fixed tile."""
+    blocks = dict(config.kwargs)
+    if ON_GPU:
+        blocks.update(num_warps=config.num_warps, num_stages=config.num_stages)
+    monkeypatch.setattr(encode_dense_module, "_FIXED_BLOCKS", blocks)
+    _check_dense_encode("tuned_tile", TUNED_TILE_SHAPE, torch.float32, with_parent, "fused", 2, monkeypatch)
 
 
 def test_auxk_candidates_from_the_dense_encode():
