@@ -207,6 +207,22 @@ def test_routed_encode_matches_torch(shape, dtype, custom_parent):
     _assert_same_codes(got, want, dtype)
 
 
+@pytest.mark.skipif(ON_GPU, reason="on a GPU every routed test runs these blocks")
+def test_routed_encode_with_the_gpu_blocks(monkeypatch):
+    """The GPU's tile (64 tokens, 64 children, 32 of d) under the interpreter, on a shape it breaks:
+    more pairs per parent than one block, more children than one tile, d across two steps."""
+    import kernels.encode_routed as routed
+    blocks = {key: value for key, value in routed._GPU_BLOCKS.items() if key.startswith("BLOCK")}
+    monkeypatch.setattr(routed, "_INTERPRETER_BLOCKS", blocks)
+    monkeypatch.setattr(routed, "_MAX_BLOCK_C", 64)
+    N, d, sizes, kp, kmax = 150, 45, (200, 2), 2, 9
+    tensors, C = _routed_case(N, d, sizes, torch.float32, _gen("routed-gpu-blocks"), kp, False)
+    assert C > 64 and N * kp > 2 * blocks["BLOCK_T"], "the shape must break the tile"
+    with poisoned_outputs():
+        got = triton_backend.encode_forward(*_dev(*tensors), C, kmax, True)
+    _assert_same_codes(got, torch_sparse.encode_forward(*tensors, C, kmax, True), torch.float32)
+
+
 def test_routed_encode_with_every_candidate_pruned():
     tensors, _ = _routed_case(4, 3, (8, 4), torch.float32, _gen("all_pruned"), 2, False)
     xc, W, b, edge, _mask, parent, p_idx, p_vals, _ptr, _ids = tensors
