@@ -12,8 +12,8 @@
 #   bench/gpu_run.sh --compile-check  anywhere, no GPU: compile the kernels for sm_90 with Triton's
 #                                     bundled ptxas and print registers and spills per config
 #
-# First run: bench/results/gpu-h100/ (one H100, torch 2.11, triton 3.6, pytest-benchmark 5.x); second
-# (tests and timing only): bench/results/gpu-h200/.
+# First run: bench/results/gpu-h100/ (one H100, torch 2.11, triton 3.6, pytest-benchmark 5.x); second:
+# bench/results/gpu-h200/ (one H200, three calls; the last ran every step in 365 s).
 # Steps are time-boxed so the whole run ends inside one 10-minute call (device time is 15 min a
 # session, start included); a failing step is logged and the next one still runs.
 # Files back in $OUT (at most 8): env.txt, tests.log, timing.md, timing.log, bench.log,

@@ -79,7 +79,8 @@ def _gather_sum_kernel(
 def _gather_sum_configs():
     """GPU candidates. A decode moves little per token (K rows of d): what matters is how many row
     loads are in flight, so the candidates trade slots per step against columns per program (one
-    program for a whole row of d=768 at BLOCK_D 1024); the first is the untuned default."""
+    program for a whole row of d=768 at BLOCK_D 1024); the first two are the untuned tile (`_BLOCK_K`,
+    `_BLOCK_D`, 4 warps) with one and with three pipeline stages."""
     shapes = ((16, 128, 4, 1), (16, 128, 4, 3), (32, 128, 4, 3), (16, 256, 4, 3),
               (32, 256, 8, 3), (8, 512, 4, 3), (16, 512, 8, 3), (8, 1024, 8, 3))
     return [triton.Config({"BLOCK_K": k, "BLOCK_D": dk}, num_warps=warps, num_stages=stages)
