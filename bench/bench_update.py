@@ -39,6 +39,7 @@ from bench.timing import (Timed, layer_fwd_bwd, paired_ratio, parse_cpp_script_a
                           summarize)
 from hsae_fast import HSAELayer  # noqa: E402
 from hsae_fast.losses import auxk_loss  # noqa: E402
+from hsae_fast.train import host  # noqa: E402
 from hsae_fast.train.optim import MaskedAdamW  # noqa: E402
 
 K_TREE = (20, 8, 4)
@@ -58,7 +59,7 @@ def update_call(opt: MaskedAdamW, grads: list):
 def floor_call(F: int, d: int):
     """Timed: the traffic every exact AdamW step has (parameter and both moments of two F x d matrices,
     each read and written once)."""
-    tensors = [torch.ones(F, d) for _ in range(6)]
+    tensors = [host.huge_page_empty((F, d), torch.float32).fill_(1.0) for _ in range(6)]  # placed as MaskedAdamW's
 
     def call(_):
         for t in tensors:

@@ -3,6 +3,7 @@ import gc
 import sys
 
 import pytest
+import torch
 
 from hsae_fast.train import host
 
@@ -51,3 +52,68 @@ def test_tune_allocator_on_linux_is_idempotent(monkeypatch):
     monkeypatch.setattr(host, "_tuned", False)
     assert host.tune_allocator()
     assert host.tune_allocator()
+
+
+@pytest.fixture
+def small_huge_pages(monkeypatch):
+    """Huge-page placement from 1 MiB up, so small tensors take that path."""
+    monkeypatch.setattr(host, "HUGE_PAGE_MIN_BYTES", 1 << 20)
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise")
+
+
+@linux_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_huge_page_empty_is_an_aligned_contiguous_tensor(small_huge_pages, dtype):
+    shape = (1031, 517)
+    t = host.huge_page_empty(shape, dtype)
+    assert t.shape == shape and t.dtype == dtype and t.is_contiguous() and t.device.type == "cpu"
+    assert t.data_ptr() % host.HUGE_PAGE_BYTES == 0
+    values = torch.randn(shape).to(dtype)
+    t.copy_(values)
+    assert torch.equal(t, values)
+    small = host.huge_page_empty((3, 5), dtype)  # under the threshold: a plain tensor
+    assert small.shape == (3, 5) and small.untyped_storage().nbytes() == 15 * small.element_size()
+
+
+def test_huge_pages_off_by_environment(small_huge_pages, monkeypatch):
+    monkeypatch.setenv("HSAE_HOST_TUNING", "0")
+    t = torch.randn(1024, 512)
+    assert host.to_huge_pages(t) is t
+    assert host.huge_page_empty((1024, 512), torch.float32).untyped_storage().nbytes() == t.numel() * 4
+
+
+@linux_only
+def test_adamw_moves_its_matrices_and_moments_onto_huge_pages(small_huge_pages, tmp_path):
+    from hsae_fast import HSAEConfig, HSAELayer
+    from hsae_fast.io import atomic_save_tensors
+    from hsae_fast.train.optim import MaskedAdamW
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    layer = HSAELayer(HSAEConfig(d_model=256, level_sizes=(1200, 80, 8), k=(6, 3, 2)), backend="torch").train()
+    before = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    W_enc = layer.W_enc
+    opt = MaskedAdamW(layer, lr=1e-3)
+    assert layer.W_enc is W_enc  # the same Parameter, new storage, same values
+    for n, p in layer.named_parameters():
+        assert torch.equal(p, before[n])
+        if n in ("W_enc", "W_dec"):
+            assert p.data_ptr() % host.HUGE_PAGE_BYTES == 0 and p.is_contiguous()
+    x = torch.randn(64, 256)
+    layer(x).x_hat.pow(2).sum().backward()
+    opt.update(1.0, True)
+    moments = [opt.state[p][key] for p in (layer.W_enc, layer.W_dec) for key in ("exp_avg", "exp_avg_sq")]
+    assert all(m.data_ptr() % host.HUGE_PAGE_BYTES == 0 and m.abs().sum() > 0 for m in moments)
+    # a checkpoint of these views holds just their values, and a resumed optimizer puts them back there
+    path = tmp_path / "t.safetensors"
+    atomic_save_tensors({"W_enc": layer.W_enc.detach(), "m": moments[0]}, path)
+    loaded = load_file(str(path))
+    assert torch.equal(loaded["W_enc"], layer.W_enc) and torch.equal(loaded["m"], moments[0])
+    resumed = MaskedAdamW(layer, lr=1e-3)
+    resumed.load_state_dict(opt.state_dict())
+    for p in (layer.W_enc, layer.W_dec):
+        for key in ("exp_avg", "exp_avg_sq"):
+            m = resumed.state[p][key]
+            assert torch.equal(m, opt.state[p][key]) and m.data_ptr() % host.HUGE_PAGE_BYTES == 0

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from ..backends import cpp
+from . import host
 
 # Parameters with one row (or entry) per feature: the ones a pruned feature owns.
 FEATURE_PARAMS = ("W_enc", "b_enc", "W_dec", "edge_weight")
@@ -35,6 +36,22 @@ class MaskedAdamW(torch.optim.AdamW):
         super().__init__(groups, lr=lr, betas=betas, fused=True)
         self._feature_params = [p for n, p in named if n in FEATURE_PARAMS]
         self._matrices = {id(p) for n, p in named if n in DECAYED_PARAMS}  # what `update` may take by rows
+        # On CPU, every step passes over these matrices and their moments whole: on 2 MiB pages that
+        # is a page walk per 2 MiB, not per 4 KiB (host.py). Same values, same Parameter objects.
+        with torch.no_grad():
+            for n, p in named:
+                if n in DECAYED_PARAMS and p.is_contiguous():
+                    p.data = host.to_huge_pages(p.data)
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)
+        # torch makes the loaded moments fresh tensors; back onto 2 MiB pages (see __init__)
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if id(p) in self._matrices and key in state and state[key].is_contiguous():
+                        state[key] = host.to_huge_pages(state[key])
 
     def takes_row_grads(self) -> bool:
         """Whether `update` steps W_enc and W_dec from row gradients (sparse COO, `HSAELayer.row_grads`)
@@ -121,8 +138,8 @@ class MaskedAdamW(torch.optim.AdamW):
             state = self.state[p]
             if not state:  # as torch's fused AdamW initializes it, so checkpoints stay interchangeable
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg"] = host.huge_page_empty(p.shape, p.dtype).zero_()
+                state["exp_avg_sq"] = host.huge_page_empty(p.shape, p.dtype).zero_()
             state["step"] += 1
             step = float(state["step"])
             beta1, beta2 = group["betas"]
