@@ -10,6 +10,7 @@
 // same OpenMP runtime and threads as torch's ops). Hot loops are compiled for AVX-512, AVX2 and
 // baseline x86-64 and picked at load time (HSAE_VECTOR_CLONES), so one build runs on any x86-64 CPU.
 #include "hsae_cpu.h"
+#include "parallel.h"
 #include "vector_loops.h"
 
 #include <ATen/Parallel.h>
@@ -27,6 +28,7 @@
 #include <cstring>
 #include <cstdlib>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
@@ -445,25 +447,6 @@ GradientRows gradient_rows(const FeatureGroups& g, int64_t F, float* base, bool 
   for (int64_t f = 0; f < F; ++f)
     if (out.row_of[f] >= 0) rows[out.row_of[f]] = f;
   return out;
-}
-
-// Runs body(task) for tasks 0..n-1 in one parallel region, each thread taking the next task as
-// it gets free: on a loaded machine a thread the OS pauses then delays one task, not a fixed share
-// of them (as a static split would). Every task writes its own outputs, so results do not depend
-// on which thread ran what.
-template <typename Body>
-void for_each_task(int64_t tasks, const Body& body) {
-  if (tasks <= 0) return;
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
-    for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) body(t);
-  });
-}
-
-// body(begin, end) over [0, n) in chunks of `chunk`, the chunks taken as threads get free.
-template <typename Body>
-void for_each_chunk(int64_t n, int64_t chunk, const Body& body) {
-  for_each_task((n + chunk - 1) / chunk, [&](int64_t t) { body(t * chunk, std::min(n, (t + 1) * chunk)); });
 }
 
 // The two kinds of work of a backward in one parallel region (each barrier costs a time slice on a
@@ -923,38 +906,41 @@ void encode_routed_impl(const EncodeArgs& a) {
     ++start[p + 1];
   }
   for (int64_t p = 0; p < P; ++p) start[p + 1] += start[p];
-  std::vector<int64_t> pairs(start[P]);
+  std::vector<int64_t> pairs(start[P]), position(N * kp);  // position[e]: where pair e sits in pairs
   {
     std::vector<int64_t> fill(start.begin(), start.end() - 1);
     for (int64_t e = 0; e < N * kp; ++e)
-      if (pvals[e] != 0.f) pairs[fill[pidx[e]]++] = e;
+      if (pvals[e] != 0.f) position[e] = fill[pidx[e]], pairs[fill[pidx[e]]++] = e;
   }
 
-  std::vector<float> cand(N * width, kNegInf);  // (N, kp, C) candidate scores, -inf: none
+  // Candidate scores by pair, in pairs' order: (pairs, C), row r the children of pair r's parent.
+  // A run writes one contiguous block (a token-major buffer took a cache miss per score); only the
+  // first `count` columns of a row are written, and only those are read back.
+  std::unique_ptr<float[]> cand(new float[pairs.size() * C]);
   // A run of pairs with one parent is a small GEMM (its tokens x its children): each child row is
   // read once per run and dotted with all the run's tokens (four tokens share each load of it, and
   // the tokens' rows stay in L1), not once per (token, parent) pair from L2.
   for_each_chunk(static_cast<int64_t>(pairs.size()), 64, [&](int64_t e0, int64_t e1) {
     std::vector<int64_t> tokens;
-    std::vector<float> dots, w_row(d);
+    std::vector<float> dots, w_row(d), edge_term;
     for (int64_t r0 = e0, r1; r0 < e1; r0 = r1) {
       const int64_t p = pidx[pairs[r0]], first = child_ptr[p], count = child_ptr[p + 1] - first;
       for (r1 = r0 + 1; r1 < e1 && pidx[pairs[r1]] == p;) ++r1;
       const int64_t m = r1 - r0;
-      tokens.resize(m), dots.resize(m);
-      for (int64_t i = 0; i < m; ++i) tokens[i] = pairs[r0 + i] / kp;
+      tokens.resize(m), dots.resize(m), edge_term.resize(m);
+      for (int64_t i = 0; i < m; ++i) tokens[i] = pairs[r0 + i] / kp, edge_term[i] = pvals[pairs[r0 + i]];
+      float* run_scores = cand.get() + r0 * C;
       for (int64_t c = 0; c < count; ++c) {
         const int64_t id = child_ids[first + c];
         dot_rows(as_floats(W + id * d, w_row.data(), d), xc, d, tokens.data(), m, dots.data());
-        for (int64_t i = 0; i < m; ++i) {
-          const int64_t pair = pairs[r0 + i];
-          cand[tokens[i] * width + (pair % kp) * C + c] = dots[i] + b_enc[id] + edge[id] * pvals[pair];
-        }
+        const float b = b_enc[id], e = edge[id];
+        for (int64_t i = 0; i < m; ++i) run_scores[i * C + c] = dots[i] + b + e * edge_term[i];
       }
     }
   });
 
-  // Each token's best K of its kp * C candidates; key q = j * C + c.
+  // Each token's best K of its candidates, offered slot by slot (active slots, their parent's
+  // children only); key q = j * C + c.
   for_each_chunk(N, 32, [&](int64_t n0, int64_t n1) {
     const int64_t capacity = TopKBuffer::capacity_for(K);
     std::vector<float> buffer_s(capacity);
@@ -963,7 +949,12 @@ void encode_routed_impl(const EncodeArgs& a) {
     TopKBuffer::Scratch scratch;
     for (int64_t n = n0; n < n1; ++n) {
       TopKBuffer top(buffer_s.data(), buffer_k.data(), K, &scratch);
-      top.offer(cand.data() + n * width, nullptr, width, 0);
+      for (int64_t j = 0; j < kp; ++j) {
+        if (pvals[n * kp + j] == 0.f) continue;
+        const int64_t p = pidx[n * kp + j];
+        top.offer(cand.get() + position[n * kp + j] * C, nullptr, child_ptr[p + 1] - child_ptr[p],
+                  static_cast<int32_t>(j * C));
+      }
       const int64_t kept = top.finish(best);
       for (int64_t s = 0; s < K; ++s) {
         const bool filled = s < kept;
