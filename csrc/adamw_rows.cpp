@@ -46,21 +46,24 @@ HSAE_INLINE float parallel_coef(const float* g, const float* w, int64_t d) {
   return row_dot(g, w, d) / std::max(row_dot(w, w, d), 1e-12f);
 }
 
-// |g - c w|^2, in lanes as row_dot.
+// |g - c w|^2 for the clip norm, from one pass over both rows: |g|^2 - c (2 g.w - c |w|^2), the three
+// lane sums in float, the rest in double (clamped at 0 where g runs along w). Three passes (g.w, |w|^2,
+// then |g - c w|^2) took 6.5 ms for a routed step's 19,281 decoder rows at d=768, this 5.6, and a
+// plain |g|^2 2.0: most of it is reading the scattered rows of W.
 HSAE_INLINE float projected_sq_norm(const float* g, const float* w, int64_t d) {
-  const float c = parallel_coef(g, w, d);
-  float acc[kLanes] = {};
+  Lanes gg = {}, gw = {}, ww = {};
   int64_t i = 0;
-  for (; i + kLanes <= d; i += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) {
-      const float r = g[i + l] - c * w[i + l];
-      acc[l] += r * r;
-    }
-  for (int64_t l = 0; i + l < d; ++l) {
-    const float r = g[i + l] - c * w[i + l];
-    acc[l] += r * r;
+  for (; i + kLanes <= d; i += kLanes) {
+    const Lanes a = load_lanes(g + i), b = load_lanes(w + i);
+    gg += a * a, gw += a * b, ww += b * b;
   }
-  return reduce_lanes(acc);
+  if (i < d) {
+    const Lanes a = load_lanes_partial(g + i, d - i), b = load_lanes_partial(w + i, d - i);
+    gg += a * a, gw += a * b, ww += b * b;
+  }
+  const double sgg = reduce_lanes(gg), sgw = reduce_lanes(gw), sww = reduce_lanes(ww);
+  const double c = sgw / std::max(sww, 1e-12);
+  return static_cast<float>(std::max(0.0, sgg - c * (2.0 * sgw - c * sww)));
 }
 
 // out[r] = |g_r - c w_f|^2 (w given) or |g_r|^2, for r0 <= r < r1, where f = rows[r] (rows null: f = r).

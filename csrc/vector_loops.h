@@ -24,4 +24,29 @@ HSAE_INLINE float reduce_lanes(const float* acc) {
   return s;
 }
 
+// kLanes floats as one GCC vector: loops written with it keep several independent lane sums in
+// flight where GCC's vectorizer, given several lane arrays, interleaves them with permutes (3x
+// slower). Lowered to one AVX-512, two AVX2 or four SSE registers per clone.
+using Lanes = float __attribute__((vector_size(kLanes * sizeof(float))));
+
+HSAE_INLINE Lanes load_lanes(const float* p) {
+  Lanes v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// The first n < kLanes floats of p, zeros after them.
+HSAE_INLINE Lanes load_lanes_partial(const float* p, int64_t n) {
+  float buffer[kLanes] = {};
+  for (int64_t l = 0; l < n; ++l) buffer[l] = p[l];
+  return load_lanes(buffer);
+}
+
+// reduce_lanes of a Lanes value: the same order, the same bits.
+HSAE_INLINE float reduce_lanes(Lanes v) {
+  float s = 0.f;
+  for (int64_t l = 0; l < kLanes; ++l) s += v[l];
+  return s;
+}
+
 }  // namespace hsae_cpu
