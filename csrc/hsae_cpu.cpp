@@ -336,6 +336,7 @@ class TopKBuffer {
   struct Scratch {
     std::vector<uint32_t> bits;
     std::vector<Candidate> ties;
+    std::vector<std::pair<uint64_t, float>> ranked;
   };
 
   TopKBuffer(float* score, int32_t* key, int64_t k, Scratch* scratch)
@@ -353,11 +354,18 @@ class TopKBuffer {
   }
 
   // The kept candidates, best first; returns how many (at most k).
+  // Sorted by one 64-bit rank each, the score's order bits inverted above the key: ascending ranks
+  // are the order `better` gives (keys are unique within a row), compared without branches on floats
+  // (sorting the Candidates with `better` was most of a routed level's top-k).
   int64_t finish(std::vector<Candidate>& out) {
     compact();
+    std::vector<std::pair<uint64_t, float>>& ranked = scratch_->ranked;
+    ranked.resize(count_);
+    for (int64_t i = 0; i < count_; ++i)
+      ranked[i] = {(uint64_t(~order_bits(score_[i])) << 32) | uint32_t(key_[i]), score_[i]};
+    std::sort(ranked.begin(), ranked.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
     out.resize(count_);
-    for (int64_t i = 0; i < count_; ++i) out[i] = {score_[i], key_[i]};
-    std::sort(out.begin(), out.end(), better);
+    for (int64_t i = 0; i < count_; ++i) out[i] = {ranked[i].second, int32_t(uint32_t(ranked[i].first))};
     return count_;
   }
 
