@@ -40,6 +40,10 @@ struct EncodeGrads {
   OptionalTensor g_edge, g_parent_vals;
   // W_enc's gradient as its touched rows only (see "Row gradients" below) instead of every row.
   bool compact_W_enc = false;
+  // (d,) the sum of g_xc over the tokens, sum_f g_b_enc[f] W_enc[f] (a row per touched feature), where
+  // only that sum is wanted: the gradient of b_dec when x takes none (ops/encode.py). Computed when
+  // given; g_xc may then be absent.
+  OptionalTensor g_xc_sum;
 };
 
 // Row gradients: with compact_W_*, the backward writes a weight's gradient as the rows that some

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
 from .config import HSAEConfig
@@ -31,10 +33,13 @@ def encode(
     selection: str,
     backend: str,
     row_grads: bool = False,
+    b_dec: Optional[torch.Tensor] = None,
 ) -> list[LevelCodes]:
     """xc = x - b_dec, (N, d). Levels are encoded top first (one op for the whole tree: see
     ops/encode.py); returns codes bottom first, global ids. `row_grads`: W_enc's gradient as a
-    sparse COO tensor of its touched rows (`HSAELayer.row_grads`)."""
+    sparse COO tensor of its touched rows (`HSAELayer.row_grads`). `b_dec`: where x takes no
+    gradient, xc = x - b_dec.detach() and b_dec itself here, so its gradient through the encoder is
+    one sum over the touched rows of W_enc (see `encode_tree`)."""
     L = cfg.num_levels
     kmax = [cfg.kmax(l, selection) for l in range(L)]
     lower = range(L - 1)
@@ -42,7 +47,7 @@ def encode(
         xc, W_enc, b_enc, edge_weight, path_mask, threshold, list(plan.local_parent),
         [plan.children[l].child_ptr for l in lower], [plan.children[l].child_ids for l in lower],
         list(plan.level_sizes), list(cfg.k), kmax, [plan.children[l].max_children for l in lower],
-        selection, cfg.gating == "hard", backend, row_grads,
+        selection, cfg.gating == "hard", backend, row_grads, b_dec,
     )
     # the levels' slots sit side by side, bottom first
     levels = zip(*(torch.split(t, kmax, dim=1) for t in (idx, vals, scores)))

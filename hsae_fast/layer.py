@@ -152,10 +152,14 @@ class HSAELayer(nn.Module):
     def encode_levels(self, x2: torch.Tensor, selection: Optional[str] = None) -> list:
         """(N, d) -> per-level LevelCodes (N, kmax_l), bottom first."""
         selection = selection or self.default_selection()
+        b_dec = self.b_dec
+        # Where x takes no gradient (training on stored activations), only the sum over tokens of
+        # xc's gradient reaches b_dec: the encode op computes that sum directly (ops/encode.py).
+        through_op = torch.is_grad_enabled() and b_dec.requires_grad and not x2.requires_grad
         return functional.encode(
-            x2 - self.b_dec, self.W_enc, self.b_enc, self.edge_weight, self.path_mask,
-            self.threshold, self.tree_plan(), self.cfg, selection, self.backend_for(x2.device),
-            row_grads=self.row_grads_now(),
+            x2 - b_dec.detach() if through_op else x2 - b_dec, self.W_enc, self.b_enc, self.edge_weight,
+            self.path_mask, self.threshold, self.tree_plan(), self.cfg, selection, self.backend_for(x2.device),
+            row_grads=self.row_grads_now(), b_dec=b_dec if through_op else None,
         )
 
     def encode(self, x: torch.Tensor, selection: Optional[str] = None) -> list:

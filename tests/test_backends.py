@@ -55,6 +55,26 @@ def test_backend_matches_reference(backend, dtype, case, selection):
     assert_close_to_reference(layer, x, selection, prefixes=(case in ("three_level", "four_level", "flat")), seed=seed)
 
 
+def x_without_grad_cases():
+    for backend in filter(runs_on_cpu, usable_backends()):
+        for dtype in DTYPES if backend != "triton" else [torch.float32]:
+            for case in ("three_level", "one_token", "custom_parent", "four_level", "flat"):
+                if backend == "triton" and case not in ("three_level", "one_token"):
+                    continue
+                yield pytest.param(backend, dtype, case, id=f"{case}-{dtype}-{backend}")
+
+
+@pytest.mark.parametrize("backend, dtype, case", list(x_without_grad_cases()))
+def test_b_dec_gradient_when_x_takes_none(backend, dtype, case):
+    """x without a gradient (stored activations, as in training): b_dec's gradient through the encoder
+    comes out of the encode op as one sum over the touched rows of W_enc (cpp) or over tokens (others)."""
+    cfg, N = make_config(case, "batch")
+    seed = case_seed(backend, dtype, case, "batch") + 7
+    layer = random_layer(cfg, backend, dtype, seed)
+    x = torch.randn(N, cfg.d_model, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    assert_close_to_reference(layer, x, "batch", seed=seed, x_grad=False)
+
+
 @pytest.mark.parametrize("backend", usable_backends())
 def test_float64_exact(backend):
     """float64 end to end: agreement to 1e-10, so a formula slip cannot hide in float32 noise."""

@@ -22,6 +22,12 @@ def test_opcheck_encode_tree(backend, gating, selection, row_grads):
     torch.library.opcheck(torch.ops.hsae_fast.encode_tree_backward.default, (
         torch.randn_like(vals), idx, vals.detach(), slot, xc.detach(), W.detach(), edge.detach(), args[11],
         True, True, True, backend, row_grads))
+    # b_dec given (x without a gradient): xc detached, b_dec's gradient from the op, g_xc summed in it
+    b_dec = layer.b_dec.detach().clone().requires_grad_(True)
+    torch.library.opcheck(encode_tree, (xc.detach(), *args[1:], b_dec))
+    torch.library.opcheck(torch.ops.hsae_fast.encode_tree_backward.default, (
+        torch.randn_like(vals), idx, vals.detach(), slot, xc.detach(), W.detach(), edge.detach(), args[11],
+        True, True, True, backend, row_grads, True))
 
 
 @pytest.mark.parametrize("backend", usable_backends())

@@ -34,7 +34,7 @@ from .common import new_output, poison_, to_row_gradient
 NAME = "cpp"
 # Options the backward passes take natively (see encode_backward and decode_backward); the ops do
 # the same for other backends after the fact.
-BACKWARD_OPTIONS = ("row_grads", "grad_active_only")
+BACKWARD_OPTIONS = ("row_grads", "grad_active_only", "xc_sum")
 # Options its encode_forward takes: screen=False keeps a level off the bfloat16 screen (`screen_mode`).
 FORWARD_OPTIONS = ("screen",)
 _CSRC = Path(__file__).resolve().parents[2] / "csrc"
@@ -44,7 +44,7 @@ _status: Optional[tuple[bool, str]] = None
 _ENTRY_POINTS = ("encode_forward", "encode_backward", "decode_forward", "decode_backward", "pooled_gradient",
                  "release_gradient_pool", "gradient_pool_bytes", "grad_sq_norm", "adamw_rows", "abi_version",
                  "screen_stats")
-_ABI_VERSION = 5  # csrc/bindings.cpp's abi_version(): the argument lists this file passes
+_ABI_VERSION = 6  # csrc/bindings.cpp's abi_version(): the argument lists this file passes
 # HSAE_CPU_BF16_SCREEN: "auto" (default), "1", "always" or "0"; see `screen_mode`.
 SCREEN_ENV = "HSAE_CPU_BF16_SCREEN"
 
@@ -197,29 +197,35 @@ def encode_forward(xc, W_enc, b_enc, edge_weight, path_mask, parent, parent_idx,
 
 
 def encode_backward(g_scores, idx, parent_slot, xc, W_enc, edge_weight, parent_vals,
-                    need_xc: bool, need_W_enc: bool, need_edge: bool, need_parent_vals: bool, row_grads: bool = False):
+                    need_xc: bool, need_W_enc: bool, need_edge: bool, need_parent_vals: bool, row_grads: bool = False,
+                    xc_sum: bool = False):
     """See `torch_sparse.encode_backward`. With `row_grads`, W_enc's gradient comes as a row gradient
-    (rows, values) (`common.to_row_gradient`), written directly: no (F, d) buffer of zeros."""
+    (rows, values) (`common.to_row_gradient`), written directly: no (F, d) buffer of zeros. With
+    `xc_sum`, the first output is g_xc summed over the tokens, (d,), from one read of each touched
+    row of W_enc instead of a gathered row per kept slot."""
     if W_enc.dtype == torch.float64:
         grads = torch_sparse.encode_backward(g_scores, idx, parent_slot, xc, W_enc, edge_weight, parent_vals,
                                              need_xc, need_W_enc, need_edge, need_parent_vals)
         if row_grads and need_W_enc:
             grads = (grads[0], to_row_gradient(grads[1]), *grads[2:])
+        if xc_sum and need_xc:
+            grads = (grads[0].sum(0), *grads[1:])
         return grads
     F = W_enc.shape[0]
     has_parent = parent_vals is not None
-    g_xc = _grad_buffer(need_xc, xc.shape)
+    g_xc = _grad_buffer(need_xc and not xc_sum, xc.shape)
+    g_xc_sum = _grad_buffer(need_xc and xc_sum, (xc.shape[1],))
     g_W = _grad_buffer(need_W_enc, W_enc.shape)
     g_b = _grad_buffer(True, (F,))
     g_edge = _grad_buffer(has_parent and need_edge, (F,))
     g_parent = _grad_buffer(has_parent and need_parent_vals, parent_vals.shape if has_parent else None)
     rows = _ext().encode_backward(
         _f32(g_scores), idx.contiguous(), parent_slot.contiguous(), _f32(xc), _weights(W_enc), _f32(edge_weight),
-        _f32(parent_vals), g_xc, g_W, g_b, g_edge, g_parent, row_grads and need_W_enc,
+        _f32(parent_vals), g_xc, g_W, g_b, g_edge, g_parent, row_grads and need_W_enc, g_xc_sum,
     )
     if rows is not None:
         g_W = (rows, g_W[: rows.shape[0]])
-    return g_xc, g_W, g_b, g_edge, g_parent
+    return g_xc if g_xc_sum is None else g_xc_sum, g_W, g_b, g_edge, g_parent
 
 
 def decode_forward(idx, vals, W_dec, level_gain, b_dec, level_widths: list[int], prefixes: bool):

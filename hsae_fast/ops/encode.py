@@ -9,6 +9,8 @@ a quarter of a wide tree's training step on CPU. The forward still runs level by
 the backend's `encode_forward` (one level's rows, level-local ids: see `torch_sparse.py`)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -36,6 +38,7 @@ def encode_tree(
     hard_gating: bool,
     backend: str,
     row_grads: bool,
+    b_dec: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """xc = x - b_dec (N, d) -> vals (N, K) activations, scores (N, K) pre-selection scores (-inf:
     no candidate), idx (N, K) int64 global ids, parent_slot (N, K) int64: the column of each slot's
@@ -44,7 +47,11 @@ def encode_tree(
     child_ptr[l], child_ids[l], max_children[l] (the last three for the L - 1 lower levels).
     `row_grads`: W_enc's gradient leaves the backward as a sparse COO tensor of the rows the slots
     touch (`row_gradient`), not a dense (F, d) one; only `MaskedAdamW.update` and optimizers that
-    take sparse gradients can step with it (`HSAELayer.row_grads`)."""
+    take sparse gradients can step with it (`HSAELayer.row_grads`).
+    `b_dec`: given where x takes no gradient, with xc made from it detached: the encoder's share of
+    b_dec's gradient, -(the sum over tokens of xc's gradient), then comes out of this op, computed as
+    that sum directly (`encode_tree_backward`'s `xc_sum_only`), not as an (N, d) gradient that autograd
+    would sum; xc takes none. The forward does not read it."""
     impl = get_backend(backend)
     L = len(level_sizes)
     offsets, stops = level_stops(level_sizes), level_stops(kmax)
@@ -74,7 +81,7 @@ def encode_tree(
 
 @encode_tree.register_fake
 def _(xc, W_enc, b_enc, edge_weight, path_mask, threshold, local_parent, child_ptr, child_ids, level_sizes, k,
-      kmax, max_children, selection, hard_gating, backend, row_grads):
+      kmax, max_children, selection, hard_gating, backend, row_grads, b_dec=None):
     N, K = xc.shape[0], sum(kmax)
     acc = accumulation_dtype(xc.dtype)
     return (xc.new_empty((N, K), dtype=acc), xc.new_empty((N, K), dtype=acc),
@@ -96,10 +103,13 @@ def encode_tree_backward(
     need_edge: bool,
     backend: str,
     row_grads: bool,
+    xc_sum_only: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of xc (N, d), W_enc (F, d), b_enc (F,), edge_weight (F,) in the accumulation
     dtype, an empty tensor where not needed; then W_enc's gradient rows (R,): with `row_grads`, the
-    W_enc gradient is their values (R, d) (a row gradient, see `row_gradient`), else it is empty."""
+    W_enc gradient is their values (R, d) (a row gradient, see `row_gradient`), else it is empty.
+    `xc_sum_only`: xc's gradient summed over the tokens, (d,), instead (where the backend can, without
+    making the (N, d) one: sum_f g_b_enc[f] W_enc[f] over the touched features)."""
     acc = accumulation_dtype(xc.dtype)
     live = vals != 0  # kept with a positive score: the straight-through path of SPEC 4
     g = torch.where(live, g_vals.to(acc), 0)
@@ -118,12 +128,14 @@ def encode_tree_backward(
             up = (g[:, cols] * edges[idx[:, cols]]).masked_fill(slot < 0, 0)
             g = g + torch.zeros_like(g).scatter_add_(1, slot.clamp(min=0), up) * live
     impl = get_backend(backend)
-    extra = native_options(impl, row_grads=row_grads)
+    extra = native_options(impl, row_grads=row_grads, xc_sum=xc_sum_only and need_xc)
     grads = impl.encode_backward(
         g.contiguous(), idx, parent_slot, xc, W_enc, edge_weight, vals if has_parents else None,
         need_xc, need_W_enc, need_edge and has_parents, False, **extra,
     )
     g_xc, g_W, g_b, g_edge, _ = grads
+    if xc_sum_only and need_xc and "xc_sum" not in extra:
+        g_xc = g_xc.sum(0)
     if need_edge and g_edge is None:  # one level: no edges to learn
         g_edge = torch.zeros(W_enc.shape[0], dtype=acc, device=xc.device)
     rows = None
@@ -135,13 +147,13 @@ def encode_tree_backward(
 
 @encode_tree_backward.register_fake
 def _(g_vals, idx, vals, parent_slot, xc, W_enc, edge_weight, level_widths, need_xc, need_W_enc, need_edge, backend,
-      row_grads):
+      row_grads, xc_sum_only=False):
     acc = accumulation_dtype(xc.dtype)
     empty = xc.new_empty((0,), dtype=acc)
     F = W_enc.shape[0]
     g_W, rows = fake_weight_grad(W_enc, need_W_enc, row_grads)
     return (
-        xc.new_empty(xc.shape, dtype=acc) if need_xc else empty,
+        (xc.new_empty(xc.shape[1:] if xc_sum_only else xc.shape, dtype=acc)) if need_xc else empty,
         g_W,
         xc.new_empty((F,), dtype=acc),
         xc.new_empty((F,), dtype=acc) if need_edge else empty,
@@ -171,10 +183,11 @@ def row_gradient(rows: Tensor, values: Tensor, weight: Tensor) -> Tensor:
 def _setup_context(ctx, inputs, output):
     xc, W_enc, _b, edge_weight = inputs[:4]
     ctx.kmax, ctx.backend, ctx.row_grads = list(inputs[11]), inputs[15], inputs[16]
+    ctx.b_dec_dtype = inputs[17].dtype if len(inputs) > 17 and inputs[17] is not None else None
     # The backward returns the inputs' structure as torch.library flattens it: a list of Nones for
     # a list of tensors (an empty list counts as one), one None for anything else.
     ctx.no_grads = [[None] * len(a) if isinstance(a, list) and all(isinstance(t, Tensor) for t in a) else None
-                    for a in inputs[4:]]
+                    for a in inputs[4:17]]
     vals, scores, idx, parent_slot = output
     ctx.mark_non_differentiable(scores)  # selection inputs: losses and metrics use vals
     ctx.save_for_backward(xc, W_enc, edge_weight, idx, vals, parent_slot)
@@ -183,12 +196,16 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, g_vals, _g_scores, _g_idx, _g_slot):
     xc, W_enc, edge_weight, idx, vals, parent_slot = ctx.saved_tensors
     need = ctx.needs_input_grad
+    need_b_dec = ctx.b_dec_dtype is not None and len(need) > 17 and need[17]
     if g_vals is None:
         g_vals = torch.zeros_like(vals)
     g_xc, g_W, g_b, g_edge, rows = encode_tree_backward(
-        g_vals, idx, vals, parent_slot, xc, W_enc, edge_weight, ctx.kmax, need[0], need[1], need[3], ctx.backend,
-        ctx.row_grads,
+        g_vals, idx, vals, parent_slot, xc, W_enc, edge_weight, ctx.kmax, need[0] or need_b_dec, need[1], need[3],
+        ctx.backend, ctx.row_grads, need_b_dec and not need[0],
     )
+    g_b_dec = None
+    if need_b_dec:  # xc = x - b_dec: minus the sum over tokens of xc's gradient
+        g_b_dec = (-(g_xc if g_xc.dim() == 1 else g_xc.sum(0))).to(ctx.b_dec_dtype)
     if need[1]:
         g_W = row_gradient(rows, g_W, W_enc) if ctx.row_grads else g_W.to(W_enc.dtype)
     return (
@@ -197,6 +214,7 @@ def _backward(ctx, g_vals, _g_scores, _g_idx, _g_slot):
         g_b.to(W_enc.dtype) if need[2] else None,
         g_edge.to(edge_weight.dtype) if need[3] else None,
         *ctx.no_grads,
+        *((g_b_dec,) if len(need) > 17 else ()),  # as the call passed it: b_dec is left out where not used
     )
 
 
