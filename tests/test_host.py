@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+from helpers import needs_cpp
 from hsae_fast.train import host
 
 
@@ -85,6 +86,7 @@ def test_huge_pages_off_by_environment(small_huge_pages, monkeypatch):
 
 
 @linux_only
+@needs_cpp  # the moments are ours on the row update's path; torch's fused AdamW makes its own
 def test_adamw_moves_its_matrices_and_moments_onto_huge_pages(small_huge_pages, tmp_path):
     from hsae_fast import HSAEConfig, HSAELayer
     from hsae_fast.io import atomic_save_tensors
