@@ -80,7 +80,7 @@ def step_call(name: str, layer, opt: MaskedAdamW, x: torch.Tensor, row_grads: bo
     def call(_):
         layer.row_grads = row_grads
         fwd_bwd(None)
-        opt.update(1.0, True)
+        opt.update(1.0, True, backward_norms=True)  # as the trainer calls it
 
     return Timed(f"{name} step, {update_name(opt, row_grads)} update", call)
 
@@ -98,7 +98,7 @@ def auxk_step_call(name: str, layer, opt: MaskedAdamW, x: torch.Tensor, dead_fra
         out = layer(x)
         mse = (out.x_hat - x).float().pow(2).sum(-1).mean()
         (mse + auxk_loss(layer, x, out.x_hat, dead, k_aux) / 32).backward()
-        opt.update(1.0, True)
+        opt.update(1.0, True, backward_norms=True)
 
     return Timed(f"{name} step, AuxK with {dead_frac:.0%} dead", call)
 

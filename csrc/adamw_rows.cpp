@@ -66,12 +66,20 @@ HSAE_INLINE float projected_sq_norm(const float* g, const float* w, int64_t d) {
   return static_cast<float>(std::max(0.0, sgg - c * (2.0 * sgw - c * sww)));
 }
 
+}  // namespace
+
+HSAE_VECTOR_CLONES float gradient_row_sq_norm(const float* g, const float* w, int64_t d) {
+  return w ? projected_sq_norm(g, w, d) : row_dot(g, g, d);
+}
+
+namespace {
+
 // out[r] = |g_r - c w_f|^2 (w given) or |g_r|^2, for r0 <= r < r1, where f = rows[r] (rows null: f = r).
-HSAE_VECTOR_CLONES void sq_norm_rows(const float* g, const float* w, const int64_t* rows, int64_t d, int64_t r0,
-                                     int64_t r1, double* out) {
+void sq_norm_rows(const float* g, const float* w, const int64_t* rows, int64_t d, int64_t r0, int64_t r1,
+                  double* out) {
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t f = rows ? rows[r] : r;
-    out[r] = w ? projected_sq_norm(g + r * d, w + f * d, d) : row_dot(g + r * d, g + r * d, d);
+    out[r] = gradient_row_sq_norm(g + r * d, w ? w + f * d : nullptr, d);
   }
 }
 

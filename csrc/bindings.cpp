@@ -20,9 +20,10 @@ void encode_forward(Tensor xc, Tensor W_enc, Tensor b_enc, Tensor edge_weight, T
 OptionalTensor encode_backward(Tensor g_scores, Tensor idx, Tensor parent_slot, Tensor xc, Tensor W_enc,
                                Tensor edge_weight, OptionalTensor parent_vals, OptionalTensor g_xc,
                                OptionalTensor g_W_enc, Tensor g_b_enc, OptionalTensor g_edge,
-                               OptionalTensor g_parent_vals, bool compact_W_enc, OptionalTensor g_xc_sum) {
+                               OptionalTensor g_parent_vals, bool compact_W_enc, OptionalTensor g_xc_sum,
+                               OptionalTensor g_W_row_sq_norms) {
   return hsae_cpu::encode_backward({g_scores, idx, parent_slot, xc, W_enc, edge_weight, parent_vals, g_xc, g_W_enc,
-                                    g_b_enc, g_edge, g_parent_vals, compact_W_enc, g_xc_sum});
+                                    g_b_enc, g_edge, g_parent_vals, compact_W_enc, g_xc_sum, g_W_row_sq_norms});
 }
 
 void decode_forward(Tensor idx, Tensor vals, Tensor W_dec, Tensor level_gain, Tensor b_dec,
@@ -33,9 +34,10 @@ void decode_forward(Tensor idx, Tensor vals, Tensor W_dec, Tensor level_gain, Te
 OptionalTensor decode_backward(Tensor g_out, Tensor g_levels, Tensor idx, Tensor vals, Tensor W_dec,
                                Tensor level_gain, std::vector<int64_t> level_widths, bool prefixes,
                                OptionalTensor g_vals, OptionalTensor g_W_dec, Tensor g_level_gain, Tensor g_b_dec,
-                               bool compact_W_dec, bool grad_active_only) {
+                               bool compact_W_dec, bool grad_active_only, OptionalTensor g_W_row_sq_norms) {
   return hsae_cpu::decode_backward({g_out, g_levels, idx, vals, W_dec, level_gain, level_widths, prefixes, g_vals,
-                                    g_W_dec, g_level_gain, g_b_dec, compact_W_dec, grad_active_only});
+                                    g_W_dec, g_level_gain, g_b_dec, compact_W_dec, grad_active_only,
+                                    g_W_row_sq_norms});
 }
 
 void adamw_rows(Tensor param, Tensor grad, Tensor exp_avg, Tensor exp_avg_sq, OptionalTensor keep_rows,
@@ -52,7 +54,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto release_gil = py::call_guard<py::gil_scoped_release>();
   m.doc() = "hsae_fast's C++ CPU backend: fused top-k encode, routed encode, sparse decode, sparse backward, row-wise AdamW update";
   // Bumped whenever a binding's signature changes: hsae_fast/backends/cpp.py refuses an older build.
-  m.def("abi_version", []() { return 6; });
+  m.def("abi_version", []() { return 7; });
   m.def("pooled_gradient", &hsae_cpu::pooled_gradient);
   m.def("release_gradient_pool", &hsae_cpu::release_gradient_pool);
   m.def("gradient_pool_bytes", &hsae_cpu::gradient_pool_bytes);

@@ -1020,6 +1020,11 @@ c10::optional<Tensor> encode_backward_impl(const EncodeGrads& a) {
   const FeatureGroups groups = group_by_feature(idx, N * K, F, [&](int64_t e) { return g[e] != 0.f; });
   const GradientRows g_W =
       gradient_rows(groups, F, ptr_or_null<float>(a.g_W_enc), a.compact_W_enc, [](int64_t) { return true; });
+  float* row_norms = nullptr;
+  if (a.g_W_row_sq_norms.has_value() && g_W.compact()) {
+    TORCH_CHECK(a.g_W_row_sq_norms->numel() >= a.g_W_enc->size(0), "g_W_row_sq_norms: a float per row");
+    row_norms = a.g_W_row_sq_norms->data_ptr<float>();
+  }
   auto parent_val = [&](int64_t e) {
     const int64_t s = slot[e];
     return s >= 0 ? pvals[(e / K) * kp + s] : 0.f;
@@ -1041,6 +1046,7 @@ c10::optional<Tensor> encode_backward_impl(const EncodeGrads& a) {
         float* out_row = g_W.row(f, d);
         std::fill(out_row, out_row + d, 0.f);
         terms.accumulate_into(out_row, xc, d);
+        if (row_norms) row_norms[g_W.row_of[f]] = gradient_row_sq_norm(out_row, nullptr, d);  // row in L1
       }
       g_b[f] = sum_g;
       if (g_edge) g_edge[f] = sum_edge;
@@ -1166,6 +1172,11 @@ c10::optional<Tensor> decode_backward_impl(const DecodeGrads& a) {
       if (vals[groups.entry[i]] != 0.f) return true;
     return false;
   });
+  float* row_norms = nullptr;
+  if (a.g_W_row_sq_norms.has_value() && g_W.compact() && std::is_same<W_t, float>::value) {
+    TORCH_CHECK(a.g_W_row_sq_norms->numel() >= 2 * a.g_W_dec->size(0), "g_W_row_sq_norms: 2 floats per row");
+    row_norms = a.g_W_row_sq_norms->data_ptr<float>();
+  }
   auto per_feature = [&](int64_t f0, int64_t f1) {
     std::vector<float> w_row(d), row_dots;
     std::vector<int64_t> rows;
@@ -1196,6 +1207,11 @@ c10::optional<Tensor> decode_backward_impl(const DecodeGrads& a) {
         if (vals[e] != 0.f) terms.add(g_row_id(e), vals[e] * gain[level[e % K]]);
       }
       terms.accumulate_into(out_row, g_levels, d);
+      if (row_norms) {  // the finished row and its W_dec row are both in L1
+        const int64_t r = g_W.row_of[f];
+        row_norms[2 * r] = gradient_row_sq_norm(out_row, nullptr, d);
+        row_norms[2 * r + 1] = gradient_row_sq_norm(out_row, reinterpret_cast<const float*>(W) + f * d, d);
+      }
     }
     streaming_fence();
   };

@@ -44,6 +44,9 @@ struct EncodeGrads {
   // only that sum is wanted: the gradient of b_dec when x takes none (ops/encode.py). Computed when
   // given; g_xc may then be absent.
   OptionalTensor g_xc_sum;
+  // (R,) float32, with compact_W_enc: each gradient row's squared norm (gradient_row_sq_norm, plain),
+  // computed while the row is in cache. float32 W_enc only.
+  OptionalTensor g_W_row_sq_norms;
 };
 
 // Row gradients: with compact_W_*, the backward writes a weight's gradient as the rows that some
@@ -71,6 +74,10 @@ struct DecodeGrads {
   // g_vals only at slots of nonzero value, 0 at the others (callers that discard those: a layer's
   // encode backward keeps the gradient of active slots only).
   bool grad_active_only = false;
+  // (R, 2) float32, with compact_W_dec: each gradient row's squared norm as the update's clip norm
+  // takes it (gradient_row_sq_norm), plain and projected off its W_dec row, computed while the row
+  // is in cache. float32 W_dec only.
+  OptionalTensor g_W_row_sq_norms;
 };
 
 // A float32 CPU tensor for a weight gradient, from a pool of freed ones (see hsae_cpu.cpp).
@@ -93,6 +100,10 @@ struct AdamWRowsArgs {
 // sum_f |g_f - c_f w_f|^2 (w = project_onto, c_f as above; without it |g|^2), in double over rows.
 // With grad_rows, grad holds only those rows (as in AdamWRowsArgs).
 double grad_sq_norm(const at::Tensor& grad, const OptionalTensor& project_onto, const OptionalTensor& grad_rows);
+// One gradient row's squared norm as grad_sq_norm sums it: |g|^2 (w null) or |g - c w|^2 with
+// c = (g . w) / max(|w|^2, 1e-12). The backward passes call it on the rows they write, so the update
+// can take their sums instead of reading the rows again: the same function, the same bits.
+float gradient_row_sq_norm(const float* g, const float* w, int64_t d);
 void adamw_rows(const AdamWRowsArgs& args);
 
 void encode_forward(const EncodeArgs& args);

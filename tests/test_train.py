@@ -381,3 +381,75 @@ def test_train_config_rejects_bad_values():
         TrainConfig(b_dec_init="median")
     with pytest.raises(ValueError, match="--model and --layer"):
         TrainConfig(model="gpt2")
+
+
+@needs_cpp
+@pytest.mark.parametrize("sizes,k,d", [((40, 6, 2), (5, 2, 1), 24), ((37,), (4,), 130), ((29, 3, 1), (4, 2, 1), 1)])
+@pytest.mark.parametrize("unit_decoder", [True, False])
+@pytest.mark.parametrize("change", [None, "values in place", "sparse op", "auxk"])
+def test_backward_row_norms_give_the_update_it_computes_itself(sizes, k, d, unit_decoder, change):
+    """`update(backward_norms=True)` takes the clip norm's row norms from the cpp backward (ops/row_norms.py):
+    the same parameters, bit for bit, as computing them in the update, with a binding clip; a gradient
+    changed after backward (in place through it, by a sparse op, or by AuxK's second contribution) is
+    not taken for the rows the backward wrote."""
+    from hsae_fast.losses import auxk_loss
+    from hsae_fast.ops import row_norms
+
+    cfg = HSAEConfig(d_model=d, level_sizes=sizes, k=k, selection="batch")
+    torch.manual_seed(0)
+    base = HSAELayer(cfg, backend="cpp").train()
+    x = torch.randn(33, d)
+    final = []
+    for use_norms in (False, True):
+        layer = HSAELayer(cfg, backend="cpp").train()
+        layer.load_state_dict(base.state_dict())
+        layer.row_grads = True
+        opt = MaskedAdamW(layer, lr=1e-2, weight_decay=0.1)
+        for step in range(3):
+            row_norms.clear()
+            opt.zero_grad(set_to_none=True)
+            out = layer(x)
+            loss = (out.x_hat - x).pow(2).sum()
+            if change == "auxk":
+                loss = loss + auxk_loss(layer, x, out.x_hat, torch.arange(cfg.dict_size) % 3 == 0, 2)
+            loss.backward()
+            assert layer.W_enc.grad.layout == torch.sparse_coo
+            if change == "values in place":
+                layer.W_dec.grad._values().mul_(3.0)
+            elif change == "sparse op":
+                layer.W_enc.grad = layer.W_enc.grad * 0.5
+            taken = {}
+            if use_norms:  # what update takes, looked at without taking it
+                for name in ("W_enc", "W_dec"):
+                    g = getattr(layer, name).grad.coalesce() if change == "auxk" else getattr(layer, name).grad
+                    taken[name] = row_norms._entries.get(g._values().data_ptr()) is not None
+            opt.update(1e-3, unit_decoder, backward_norms=use_norms)  # 1e-3: the clip binds
+            if use_norms and change is None:
+                assert all(taken.values()), "the backward's row norms were not there to take"
+        final.append({n: p.detach().clone() for n, p in layer.named_parameters()})
+    for name in final[0]:
+        assert torch.equal(final[0][name], final[1][name]), f"{name} differs with the backward's row norms"
+
+
+@needs_cpp
+def test_row_norms_are_not_taken_for_other_rows():
+    """Rows that reuse a remembered gradient's storage (the gradient pool) but are not the rows it held."""
+    from hsae_fast.ops import row_norms
+
+    row_norms.clear()
+    values = torch.randn(7, 5)
+    norms = values.pow(2).sum(1)
+    row_norms.remember(values, norms)
+    assert torch.equal(row_norms.take(values, 0, projected=False), norms)
+    assert row_norms.take(values, 0, projected=False) is None  # taken once
+    row_norms.remember(values, norms)
+    values.copy_(torch.randn(7, 5))  # another step's rows in the same storage
+    assert row_norms.take(values, 0, projected=False) is None
+    row_norms.remember(values, norms)
+    assert row_norms.take(values, 1, projected=False) is None  # changed in place through the gradient
+    row_norms.remember(values, norms)
+    assert row_norms.take(values[:6], 0, projected=False) is None  # another shape
+    row_norms.remember(values, norms)
+    assert row_norms.take(values, 0, projected=True) is None  # no projected norms were given
+    big = torch.zeros(2**24 + 3, 1)  # sampled past float32's integers (a routed step's rows: 15M floats and more)
+    assert row_norms._sample(big).shape == (8,) and row_norms._sample(big[:1]).shape == (1,)

@@ -34,7 +34,7 @@ from .common import new_output, poison_, to_row_gradient
 NAME = "cpp"
 # Options the backward passes take natively (see encode_backward and decode_backward); the ops do
 # the same for other backends after the fact.
-BACKWARD_OPTIONS = ("row_grads", "grad_active_only", "xc_sum")
+BACKWARD_OPTIONS = ("row_grads", "grad_active_only", "xc_sum", "row_sq_norms")
 # Options its encode_forward takes: screen=False keeps a level off the bfloat16 screen (`screen_mode`).
 FORWARD_OPTIONS = ("screen",)
 _CSRC = Path(__file__).resolve().parents[2] / "csrc"
@@ -44,7 +44,7 @@ _status: Optional[tuple[bool, str]] = None
 _ENTRY_POINTS = ("encode_forward", "encode_backward", "decode_forward", "decode_backward", "pooled_gradient",
                  "release_gradient_pool", "gradient_pool_bytes", "grad_sq_norm", "adamw_rows", "abi_version",
                  "screen_stats")
-_ABI_VERSION = 6  # csrc/bindings.cpp's abi_version(): the argument lists this file passes
+_ABI_VERSION = 7  # csrc/bindings.cpp's abi_version(): the argument lists this file passes
 # HSAE_CPU_BF16_SCREEN: "auto" (default), "1", "always" or "0"; see `screen_mode`.
 SCREEN_ENV = "HSAE_CPU_BF16_SCREEN"
 
@@ -198,11 +198,13 @@ def encode_forward(xc, W_enc, b_enc, edge_weight, path_mask, parent, parent_idx,
 
 def encode_backward(g_scores, idx, parent_slot, xc, W_enc, edge_weight, parent_vals,
                     need_xc: bool, need_W_enc: bool, need_edge: bool, need_parent_vals: bool, row_grads: bool = False,
-                    xc_sum: bool = False):
+                    xc_sum: bool = False, row_sq_norms: bool = False):
     """See `torch_sparse.encode_backward`. With `row_grads`, W_enc's gradient comes as a row gradient
     (rows, values) (`common.to_row_gradient`), written directly: no (F, d) buffer of zeros. With
     `xc_sum`, the first output is g_xc summed over the tokens, (d,), from one read of each touched
-    row of W_enc instead of a gathered row per kept slot."""
+    row of W_enc instead of a gathered row per kept slot. With `row_sq_norms` (and `row_grads`), the
+    row gradient is (rows, values, norms): norms (R,) each row's squared norm as the update's clip
+    norm computes it (`MaskedAdamW.update`, `backward_norms`); a float64 W_enc gives none."""
     if W_enc.dtype == torch.float64:
         grads = torch_sparse.encode_backward(g_scores, idx, parent_slot, xc, W_enc, edge_weight, parent_vals,
                                              need_xc, need_W_enc, need_edge, need_parent_vals)
@@ -216,15 +218,17 @@ def encode_backward(g_scores, idx, parent_slot, xc, W_enc, edge_weight, parent_v
     g_xc = _grad_buffer(need_xc and not xc_sum, xc.shape)
     g_xc_sum = _grad_buffer(need_xc and xc_sum, (xc.shape[1],))
     g_W = _grad_buffer(need_W_enc, W_enc.shape)
+    norms = new_output((F,), torch.float32, torch.device("cpu")) if (
+        row_sq_norms and row_grads and need_W_enc and W_enc.dtype == torch.float32) else None
     g_b = _grad_buffer(True, (F,))
     g_edge = _grad_buffer(has_parent and need_edge, (F,))
     g_parent = _grad_buffer(has_parent and need_parent_vals, parent_vals.shape if has_parent else None)
     rows = _ext().encode_backward(
         _f32(g_scores), idx.contiguous(), parent_slot.contiguous(), _f32(xc), _weights(W_enc), _f32(edge_weight),
-        _f32(parent_vals), g_xc, g_W, g_b, g_edge, g_parent, row_grads and need_W_enc, g_xc_sum,
+        _f32(parent_vals), g_xc, g_W, g_b, g_edge, g_parent, row_grads and need_W_enc, g_xc_sum, norms,
     )
     if rows is not None:
-        g_W = (rows, g_W[: rows.shape[0]])
+        g_W = (rows, g_W[: rows.shape[0]]) + ((norms[: rows.shape[0]],) if norms is not None else ())
     return g_xc if g_xc_sum is None else g_xc_sum, g_W, g_b, g_edge, g_parent
 
 
@@ -242,10 +246,11 @@ def decode_forward(idx, vals, W_dec, level_gain, b_dec, level_widths: list[int],
 
 def decode_backward(g_out, idx, vals, W_dec, level_gain, level_widths: list[int], prefixes: bool,
                     need_vals: bool, need_W_dec: bool, need_gain: bool, row_grads: bool = False,
-                    grad_active_only: bool = False):
+                    grad_active_only: bool = False, row_sq_norms: bool = False):
     """See `torch_sparse.decode_backward`; `row_grads` as in `encode_backward` (W_dec's gradient);
     `grad_active_only`: the vals gradient only where vals != 0, 0 elsewhere (those slots then cost
-    nothing)."""
+    nothing). `row_sq_norms`: as in `encode_backward`, norms (R, 2): plain, and projected off each
+    row's W_dec row (the update's `unit_decoder` clip norm)."""
     if W_dec.dtype == torch.float64:
         grads = torch_sparse.decode_backward(g_out, idx, vals, W_dec, level_gain, level_widths, prefixes,
                                              need_vals, need_W_dec, need_gain)
@@ -257,11 +262,13 @@ def decode_backward(g_out, idx, vals, W_dec, level_gain, level_widths: list[int]
     g_levels = torch.cumsum(g, 0) if prefixes else g
     g_vals = _grad_buffer(need_vals or need_gain, idx.shape)
     g_W = _grad_buffer(need_W_dec, W_dec.shape)
+    norms = new_output((W_dec.shape[0], 2), torch.float32, torch.device("cpu")) if (
+        row_sq_norms and row_grads and need_W_dec and W_dec.dtype == torch.float32) else None
     g_gain = _grad_buffer(True, (len(level_widths),))
     g_b = _grad_buffer(True, (W_dec.shape[1],))
     rows = _ext().decode_backward(g, g_levels, idx.contiguous(), _f32(vals), _weights(W_dec), _f32(level_gain),
                                   list(level_widths), prefixes, g_vals, g_W, g_gain, g_b, row_grads and need_W_dec,
-                                  grad_active_only)
+                                  grad_active_only, norms)
     if rows is not None:
-        g_W = (rows, g_W[: rows.shape[0]])
+        g_W = (rows, g_W[: rows.shape[0]]) + ((norms[: rows.shape[0]],) if norms is not None else ())
     return g_vals, g_W, g_gain, g_b

@@ -7,7 +7,8 @@ from torch import Tensor
 
 from ..backends import get_backend
 from ..backends.common import accumulation_dtype, native_options, to_row_gradient
-from .encode import fake_weight_grad, row_gradient
+from . import row_norms
+from .encode import computes_row_norms, fake_weight_grad, row_gradient
 
 @torch.library.custom_op("hsae_fast::sparse_decode", mutates_args=())
 def sparse_decode(
@@ -35,11 +36,15 @@ def sparse_decode_backward(
     level_widths: list[int], prefixes: bool, need_vals: bool, need_W_dec: bool, need_gain: bool, backend: str,
     row_grads: bool,
     grad_active_only: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    row_sq_norms: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of vals (N, K), W_dec (F, d), level_gain (L,), b_dec (d,), empty where not needed;
-    then W_dec's gradient rows, as in `encode_tree_backward`. `grad_active_only` as in `sparse_decode`."""
+    then W_dec's gradient rows, as in `encode_tree_backward`. `grad_active_only` as in `sparse_decode`.
+    `row_sq_norms` (with `row_grads`; a backend that computes them, float32 W_dec): last, (R, 2) each
+    gradient row's squared norm, plain and projected off its W_dec row (`row_norms.py`); else empty."""
     impl = get_backend(backend)
-    extra = native_options(impl, row_grads=row_grads, grad_active_only=grad_active_only)
+    extra = native_options(impl, row_grads=row_grads, grad_active_only=grad_active_only,
+                           row_sq_norms=row_sq_norms and row_grads and need_W_dec)
     g_vals, g_W, g_gain, g_b = impl.decode_backward(
         g_out.contiguous(), idx, vals, W_dec, level_gain, list(level_widths), prefixes, need_vals, need_W_dec,
         need_gain, **extra,
@@ -48,26 +53,32 @@ def sparse_decode_backward(
         # Whatever the backend did (a native one skips those slots, but not on every dtype path):
         # an (N, K) pass, next to nothing.
         g_vals = g_vals.masked_fill(vals == 0, 0)
-    rows = None
+    rows = norms = None
     if row_grads and need_W_dec:
-        rows, g_W = g_W if "row_grads" in extra else to_row_gradient(g_W)
+        rows, g_W, *rest = g_W if "row_grads" in extra else to_row_gradient(g_W)
+        norms = rest[0] if rest else None
+        if "row_sq_norms" in extra and norms is None:
+            raise ValueError(f"row_sq_norms: backend {backend!r} computes none for a {W_dec.dtype} W_dec")
     acc = accumulation_dtype(W_dec.dtype)
     return tuple(g if g is not None else W_dec.new_empty(0, dtype=dtype)
-                 for g, dtype in ((g_vals, acc), (g_W, acc), (g_gain, acc), (g_b, acc), (rows, torch.int64)))
+                 for g, dtype in ((g_vals, acc), (g_W, acc), (g_gain, acc), (g_b, acc), (rows, torch.int64),
+                                  (norms, torch.float32)))
 
 
 @sparse_decode_backward.register_fake
 def _(g_out, idx, vals, W_dec, level_gain, level_widths, prefixes, need_vals, need_W_dec, need_gain, backend,
-      row_grads, grad_active_only):
+      row_grads, grad_active_only, row_sq_norms=False):
     acc = accumulation_dtype(W_dec.dtype)
     empty = W_dec.new_empty((0,), dtype=acc)
     g_W, rows = fake_weight_grad(W_dec, need_W_dec, row_grads)
+    with_norms = row_sq_norms and row_grads and need_W_dec
     return (
         W_dec.new_empty(idx.shape, dtype=acc) if need_vals or need_gain else empty,
         g_W,
         W_dec.new_empty(level_gain.shape, dtype=acc),
         W_dec.new_empty((W_dec.shape[1],), dtype=acc),
         rows,
+        W_dec.new_empty((rows.shape[0], 2) if with_norms else (0,), dtype=torch.float32),
     )
 
 
@@ -81,10 +92,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, g_out):
     idx, vals, W_dec, level_gain = ctx.saved_tensors
     need = ctx.needs_input_grad
-    g_vals, g_W, g_gain, g_b, rows = sparse_decode_backward(
+    with_norms = ctx.row_grads and need[2] and computes_row_norms(ctx.backend, W_dec)
+    g_vals, g_W, g_gain, g_b, rows, norms = sparse_decode_backward(
         g_out, idx, vals, W_dec, level_gain, ctx.level_widths, ctx.prefixes, need[1], need[2], need[3], ctx.backend,
-        ctx.row_grads, ctx.grad_active_only,
+        ctx.row_grads, ctx.grad_active_only, with_norms,
     )
+    if with_norms:
+        row_norms.remember(g_W, norms[:, 0], norms[:, 1])
     if need[2]:
         g_W = row_gradient(rows, g_W, W_dec) if ctx.row_grads else g_W.to(W_dec.dtype)
     return (

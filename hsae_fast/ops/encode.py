@@ -17,6 +17,7 @@ from torch import Tensor
 from ..backends import get_backend
 from ..backends.common import accumulation_dtype, level_stops, native_options, to_row_gradient
 from ..selection import activations, select_candidates
+from . import row_norms
 
 
 @torch.library.custom_op("hsae_fast::encode_tree", mutates_args=())
@@ -104,12 +105,15 @@ def encode_tree_backward(
     backend: str,
     row_grads: bool,
     xc_sum_only: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    row_sq_norms: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of xc (N, d), W_enc (F, d), b_enc (F,), edge_weight (F,) in the accumulation
     dtype, an empty tensor where not needed; then W_enc's gradient rows (R,): with `row_grads`, the
     W_enc gradient is their values (R, d) (a row gradient, see `row_gradient`), else it is empty.
     `xc_sum_only`: xc's gradient summed over the tokens, (d,), instead (where the backend can, without
-    making the (N, d) one: sum_f g_b_enc[f] W_enc[f] over the touched features)."""
+    making the (N, d) one: sum_f g_b_enc[f] W_enc[f] over the touched features). `row_sq_norms` (with
+    `row_grads`; a backend that computes them, float32 W_enc): last, (R,) each gradient row's squared
+    norm (`row_norms.py`); else empty."""
     acc = accumulation_dtype(xc.dtype)
     live = vals != 0  # kept with a positive score: the straight-through path of SPEC 4
     g = torch.where(live, g_vals.to(acc), 0)
@@ -128,7 +132,8 @@ def encode_tree_backward(
             up = (g[:, cols] * edges[idx[:, cols]]).masked_fill(slot < 0, 0)
             g = g + torch.zeros_like(g).scatter_add_(1, slot.clamp(min=0), up) * live
     impl = get_backend(backend)
-    extra = native_options(impl, row_grads=row_grads, xc_sum=xc_sum_only and need_xc)
+    extra = native_options(impl, row_grads=row_grads, xc_sum=xc_sum_only and need_xc,
+                           row_sq_norms=row_sq_norms and row_grads and need_W_enc)
     grads = impl.encode_backward(
         g.contiguous(), idx, parent_slot, xc, W_enc, edge_weight, vals if has_parents else None,
         need_xc, need_W_enc, need_edge and has_parents, False, **extra,
@@ -138,27 +143,39 @@ def encode_tree_backward(
         g_xc = g_xc.sum(0)
     if need_edge and g_edge is None:  # one level: no edges to learn
         g_edge = torch.zeros(W_enc.shape[0], dtype=acc, device=xc.device)
-    rows = None
+    rows = norms = None
     if row_grads and need_W_enc:
-        rows, g_W = g_W if "row_grads" in extra else to_row_gradient(g_W)
+        rows, g_W, *rest = g_W if "row_grads" in extra else to_row_gradient(g_W)
+        norms = rest[0] if rest else None
+        if "row_sq_norms" in extra and norms is None:
+            raise ValueError(f"row_sq_norms: backend {backend!r} computes none for a {W_enc.dtype} W_enc")
     return tuple(t if t is not None else xc.new_empty(0, dtype=dtype)
-                 for t, dtype in ((g_xc, acc), (g_W, acc), (g_b, acc), (g_edge, acc), (rows, torch.int64)))
+                 for t, dtype in ((g_xc, acc), (g_W, acc), (g_b, acc), (g_edge, acc), (rows, torch.int64),
+                                  (norms, torch.float32)))
 
 
 @encode_tree_backward.register_fake
 def _(g_vals, idx, vals, parent_slot, xc, W_enc, edge_weight, level_widths, need_xc, need_W_enc, need_edge, backend,
-      row_grads, xc_sum_only=False):
+      row_grads, xc_sum_only=False, row_sq_norms=False):
     acc = accumulation_dtype(xc.dtype)
     empty = xc.new_empty((0,), dtype=acc)
     F = W_enc.shape[0]
     g_W, rows = fake_weight_grad(W_enc, need_W_enc, row_grads)
+    with_norms = row_sq_norms and row_grads and need_W_enc
     return (
         (xc.new_empty(xc.shape[1:] if xc_sum_only else xc.shape, dtype=acc)) if need_xc else empty,
         g_W,
         xc.new_empty((F,), dtype=acc),
         xc.new_empty((F,), dtype=acc) if need_edge else empty,
         rows,
+        xc.new_empty(rows.shape if with_norms else (0,), dtype=torch.float32),
     )
+
+
+def computes_row_norms(backend: str, W: Tensor) -> bool:
+    """Whether the backward can leave its gradient rows' squared norms for the update (`row_norms.py`):
+    a backend that computes them, and a float32 weight (the row update's)."""
+    return W.dtype == torch.float32 and "row_sq_norms" in getattr(get_backend(backend), "BACKWARD_OPTIONS", ())
 
 
 def fake_weight_grad(W: Tensor, needed: bool, row_grads: bool) -> tuple[Tensor, Tensor]:
@@ -199,10 +216,13 @@ def _backward(ctx, g_vals, _g_scores, _g_idx, _g_slot):
     need_b_dec = ctx.b_dec_dtype is not None and len(need) > 17 and need[17]
     if g_vals is None:
         g_vals = torch.zeros_like(vals)
-    g_xc, g_W, g_b, g_edge, rows = encode_tree_backward(
+    with_norms = ctx.row_grads and need[1] and computes_row_norms(ctx.backend, W_enc)
+    g_xc, g_W, g_b, g_edge, rows, norms = encode_tree_backward(
         g_vals, idx, vals, parent_slot, xc, W_enc, edge_weight, ctx.kmax, need[0] or need_b_dec, need[1], need[3],
-        ctx.backend, ctx.row_grads, need_b_dec and not need[0],
+        ctx.backend, ctx.row_grads, need_b_dec and not need[0], with_norms,
     )
+    if with_norms:
+        row_norms.remember(g_W, norms)
     g_b_dec = None
     if need_b_dec:  # xc = x - b_dec: minus the sum over tokens of xc's gradient
         g_b_dec = (-(g_xc if g_xc.dim() == 1 else g_xc.sum(0))).to(ctx.b_dec_dtype)

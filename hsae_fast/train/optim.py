@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from ..backends import cpp
+from ..ops import row_norms
 from . import host
 
 # Parameters with one row (or entry) per feature: the ones a pruned feature owns.
@@ -80,7 +81,7 @@ class MaskedAdamW(torch.optim.AdamW):
         return result
 
     @torch.no_grad()
-    def update(self, grad_clip: float = 0.0, unit_decoder: bool = False) -> None:
+    def update(self, grad_clip: float = 0.0, unit_decoder: bool = False, backward_norms: bool = False) -> None:
         """The trainer's whole update after backward: with `unit_decoder`, the decoder gradient's
         part along each row removed (`remove_parallel_decoder_grad`); with `grad_clip` > 0, every
         gradient scaled as `torch.nn.utils.clip_grad_norm_` would; this optimizer's step; with
@@ -91,7 +92,12 @@ class MaskedAdamW(torch.optim.AdamW):
         the result is the same up to float32 rounding, but the gradients are left as backward wrote
         them (unprojected, unclipped) instead of being changed in place. Row gradients
         (`HSAELayer.row_grads`) go in as they are: only their rows are read, and every other row
-        steps with gradient zero; elsewhere they are made dense first."""
+        steps with gradient zero; elsewhere they are made dense first.
+
+        `backward_norms`: the clip norm takes the row gradients' squared norms that the backward
+        computed as it wrote them (ops/row_norms.py; the same bits as computing them here), where
+        they still match the gradient; for a caller that changes no gradient between its backward
+        and this update (the trainer)."""
         matrices = self._row_update_matrices()
         if matrices is None:
             self._expand_row_grads()
@@ -115,7 +121,12 @@ class MaskedAdamW(torch.optim.AdamW):
                         continue
                     if id(p) in by_rows:
                         values, rows = by_rows[id(p)]
-                        sq += ext.grad_sq_norm(values, p if unit_decoder and p is W_dec else None, rows)
+                        projected = unit_decoder and p is W_dec
+                        cached = row_norms.take(values, p.grad._values()._version, projected) if (
+                            backward_norms and rows is not None) else None
+                        # a sum in row order, as grad_sq_norm adds its rows (cumsum runs left to right)
+                        sq += float(cached.double().cumsum(0)[-1]) if cached is not None else \
+                            ext.grad_sq_norm(values, p if projected else None, rows)
                     else:
                         sq += float(torch.linalg.vector_norm(p.grad, dtype=torch.float64)) ** 2
             # clip_grad_norm_'s factor, clamped to 1 (a NaN norm gives NaN, as there)

@@ -158,7 +158,9 @@ class Trainer:
         # Each rank's loss is its share of the global loss; DDP averages gradients, hence the factor.
         (loss * self.dist.world).backward()
         # decoder gradient projected, clipped, AdamW, decoder rows renormalized: one pass on CPU
-        self.optimizer.update(tcfg.grad_clip, tcfg.renorm_decoder)
+        # nothing between backward and update changes a gradient: the clip norm may take the row norms
+        # the backward computed (one process; DDP's all-reduce rewrites the gradients)
+        self.optimizer.update(tcfg.grad_clip, tcfg.renorm_decoder, backward_norms=self.dist.world == 1)
         self.scheduler.step()
         self._track(out.levels, batch.shape[0])
         self.step += 1
