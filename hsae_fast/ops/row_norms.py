@@ -30,8 +30,9 @@ def _sample(values: torch.Tensor) -> torch.Tensor:
 
 
 def remember(values: torch.Tensor, plain: torch.Tensor, projected: Optional[torch.Tensor] = None) -> None:
-    """Row r of `values` (R, d) has squared norm plain[r], and projected[r] off its weight row."""
-    if values.numel() == 0:
+    """Row r of `values` (R, d) has squared norm plain[r], and projected[r] off its weight row. Real
+    tensors only (a traced backward's fake ones have no storage, and compiled code keeps dense gradients)."""
+    if type(values) is not torch.Tensor or values.numel() == 0 or torch.compiler.is_compiling():
         return
     while len(_entries) >= _MAX_ENTRIES:
         _entries.pop(next(iter(_entries)))
@@ -41,7 +42,7 @@ def remember(values: torch.Tensor, plain: torch.Tensor, projected: Optional[torc
 def take(values: torch.Tensor, version: int, projected: bool) -> Optional[torch.Tensor]:
     """The (R,) squared norms of `values` (a row gradient's values, `version` its version counter)
     as remembered, plain or projected; None where they were not or no longer match. Taking removes them."""
-    entry = _entries.pop(values.data_ptr(), None) if values.numel() else None
+    entry = _entries.pop(values.data_ptr(), None) if type(values) is torch.Tensor and values.numel() else None
     if entry is None:
         return None
     shape, sample, plain, proj = entry
