@@ -78,6 +78,16 @@ def test_huge_page_empty_is_an_aligned_contiguous_tensor(small_huge_pages, dtype
     assert small.shape == (3, 5) and small.untyped_storage().nbytes() == 15 * small.element_size()
 
 
+@linux_only
+def test_no_huge_page_copy_without_the_memory_for_it(small_huge_pages, monkeypatch):
+    t = torch.randn(1024, 512)
+    monkeypatch.setattr(host, "available_memory_bytes", lambda: 3 * t.numel() * 4)
+    moved = host.to_huge_pages(t)
+    assert moved is not t and torch.equal(moved, t) and moved.data_ptr() % host.HUGE_PAGE_BYTES == 0
+    monkeypatch.setattr(host, "available_memory_bytes", lambda: t.numel() * 4)  # the copy would not fit twice
+    assert host.to_huge_pages(t) is t
+
+
 def test_huge_pages_off_by_environment(small_huge_pages, monkeypatch):
     monkeypatch.setenv("HSAE_HOST_TUNING", "0")
     t = torch.randn(1024, 512)

@@ -111,11 +111,27 @@ def huge_page_empty(shape, dtype: torch.dtype) -> torch.Tensor:
     return buffer[offset:offset + nbytes].view(dtype).view(shape)
 
 
+def available_memory_bytes():
+    """MemAvailable of /proc/meminfo, or None where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def to_huge_pages(t: torch.Tensor) -> torch.Tensor:
     """A contiguous CPU copy of `t` on 2 MiB pages (`huge_page_empty`), or `t` itself where that
-    would give nothing (small, not on the CPU, or tuning off)."""
-    if t.device.type != "cpu" or t.numel() * t.element_size() < HUGE_PAGE_MIN_BYTES or _libc_madvise() is None \
-            or not enabled():
+    would give nothing (small, not on the CPU, or tuning off) or where the copy, which holds both
+    for a moment, would not fit twice over in the memory available (a 9 GB W_enc on a 16 GB machine)."""
+    nbytes = t.numel() * t.element_size()
+    if t.device.type != "cpu" or nbytes < HUGE_PAGE_MIN_BYTES or _libc_madvise() is None or not enabled():
+        return t
+    available = available_memory_bytes()
+    if available is not None and available < 2 * nbytes:
         return t
     return huge_page_empty(t.shape, t.dtype).copy_(t)
 
