@@ -6,9 +6,9 @@ import torch
 from torch import Tensor
 
 from ..backends import get_backend
-from ..backends.common import accumulation_dtype, native_options, to_row_gradient
+from ..backends.common import accumulation_dtype, native_options
 from . import row_norms
-from .encode import computes_row_norms, fake_weight_grad, row_gradient
+from .encode import computes_row_norms, fake_weight_grad, row_gradient, split_row_gradient
 
 @torch.library.custom_op("hsae_fast::sparse_decode", mutates_args=())
 def sparse_decode(
@@ -55,10 +55,7 @@ def sparse_decode_backward(
         g_vals = g_vals.masked_fill(vals == 0, 0)
     rows = norms = None
     if row_grads and need_W_dec:
-        rows, g_W, *rest = g_W if "row_grads" in extra else to_row_gradient(g_W)
-        norms = rest[0] if rest else None
-        if "row_sq_norms" in extra and norms is None:
-            raise ValueError(f"row_sq_norms: backend {backend!r} computes none for a {W_dec.dtype} W_dec")
+        rows, g_W, norms = split_row_gradient(g_W, extra, backend, W_dec)
     acc = accumulation_dtype(W_dec.dtype)
     return tuple(g if g is not None else W_dec.new_empty(0, dtype=dtype)
                  for g, dtype in ((g_vals, acc), (g_W, acc), (g_gain, acc), (g_b, acc), (rows, torch.int64),

@@ -145,10 +145,7 @@ def encode_tree_backward(
         g_edge = torch.zeros(W_enc.shape[0], dtype=acc, device=xc.device)
     rows = norms = None
     if row_grads and need_W_enc:
-        rows, g_W, *rest = g_W if "row_grads" in extra else to_row_gradient(g_W)
-        norms = rest[0] if rest else None
-        if "row_sq_norms" in extra and norms is None:
-            raise ValueError(f"row_sq_norms: backend {backend!r} computes none for a {W_enc.dtype} W_enc")
+        rows, g_W, norms = split_row_gradient(g_W, extra, backend, W_enc)
     return tuple(t if t is not None else xc.new_empty(0, dtype=dtype)
                  for t, dtype in ((g_xc, acc), (g_W, acc), (g_b, acc), (g_edge, acc), (rows, torch.int64),
                                   (norms, torch.float32)))
@@ -170,6 +167,16 @@ def _(g_vals, idx, vals, parent_slot, xc, W_enc, edge_weight, level_widths, need
         rows,
         xc.new_empty(rows.shape if with_norms else (0,), dtype=torch.float32),
     )
+
+
+def split_row_gradient(g_W, extra: dict, backend: str, W: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """A backend's weight gradient as (rows, values, row norms or None): its own row gradient where it
+    took the `row_grads` option (`extra`), else the dense one made into rows. Asked for row norms
+    (`row_sq_norms` in `extra`), a backend must give them: the op's output shape promises them."""
+    rows, values, *norms = g_W if "row_grads" in extra else to_row_gradient(g_W)
+    if "row_sq_norms" in extra and not norms:
+        raise ValueError(f"row_sq_norms: backend {backend!r} computes none for a {W.dtype} weight")
+    return rows, values, norms[0] if norms else None
 
 
 def computes_row_norms(backend: str, W: Tensor) -> bool:

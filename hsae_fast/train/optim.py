@@ -47,12 +47,11 @@ class MaskedAdamW(torch.optim.AdamW):
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)
         # torch makes the loaded moments fresh tensors; back onto 2 MiB pages (see __init__)
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state.get(p, {})
-                for key in ("exp_avg", "exp_avg_sq"):
-                    if id(p) in self._matrices and key in state and state[key].is_contiguous():
-                        state[key] = host.to_huge_pages(state[key])
+        for p in (p for group in self.param_groups for p in group["params"] if id(p) in self._matrices):
+            state = self.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state and state[key].is_contiguous():
+                    state[key] = host.to_huge_pages(state[key])
 
     def takes_row_grads(self) -> bool:
         """Whether `update` steps W_enc and W_dec from row gradients (sparse COO, `HSAELayer.row_grads`)
