@@ -77,12 +77,12 @@ class RoundRobin:
         self.rounds_run += 1
 
 
-def parse_cpp_script_args(parser) -> tuple:
+def parse_cpp_script_args(parser, rounds: int = 7) -> tuple:
     """The round-robin scripts' shared options (--rounds, --warmup, --threads) parsed, the thread count
     applied and the C++ backend required: returns (args, the backend's availability message)."""
     from hsae_fast import available_backends
 
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--untuned-host", action="store_true",
