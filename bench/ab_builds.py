@@ -18,6 +18,7 @@ temporary one: the checkout's JIT build directory is left alone) as A.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import runpy
 import subprocess
@@ -67,6 +68,8 @@ def main() -> None:
     parser.add_argument("--f", type=int, default=65536)
     parser.add_argument("--batches", type=int, default=8, help="distinct batches, taken in turn")
     parser.add_argument("--baseline", metavar="REF", help="A: this git ref's csrc/ (default: the installed module)")
+    parser.add_argument("--no-fused-encoder", dest="fused_encoder", action="store_false",
+                        help="W_enc's step in the update, not in the next forward (for builds without it)")
     args, why = parse_cpp_script_args(parser, rounds=40)
     installed = cpp._ext()  # the pip build (or whatever HSAE_CPP_JIT selected at import)
     baseline, why = build_baseline(args.baseline) if args.baseline else (installed, why)
@@ -83,6 +86,9 @@ def main() -> None:
     optimizer = MaskedAdamW(layer, lr=1e-4)
     layer.row_grads = optimizer.takes_row_grads()
     calls = [0]
+    # As the trainer's loop runs; both builds must have it (a build without encoder steps in the
+    # forward would read W_enc rows a step old: compare such builds with --no-fused-encoder).
+    fused = optimizer.encoder_step_in_forward() if args.fused_encoder else contextlib.nullcontext()
 
     def step(_):
         x = batches[calls[0] % len(batches)]
@@ -102,8 +108,9 @@ def main() -> None:
           f"{args.rounds} rounds (+{args.warmup} warmup), {args.batches} batches, load average "
           f"{os.getloadavg()[0]:.1f}; A: {why}; B: csrc/ built by JIT")
     try:
-        samples = round_robin_samples([Timed("A", step, use(baseline)), Timed("B", step, use(checkout))],
-                                      torch.device("cpu"), args.warmup, args.rounds)
+        with fused:
+            samples = round_robin_samples([Timed("A", step, use(baseline)), Timed("B", step, use(checkout))],
+                                          torch.device("cpu"), args.warmup, args.rounds)
     finally:
         cpp._module = installed
     r = paired_ratio(samples["A"], samples["B"])

@@ -74,14 +74,20 @@ def update_name(opt: MaskedAdamW, row_grads: bool) -> str:
 
 def step_call(name: str, layer, opt: MaskedAdamW, x: torch.Tensor, row_grads: bool = False):
     """Timed: the trainer's step; `row_grads`: backward writes W_enc's and W_dec's gradients as their
-    touched rows (`HSAELayer.row_grads`, as the trainer sets it), which the row update takes as they are."""
+    touched rows (`HSAELayer.row_grads`, as the trainer sets it), which the row update takes as they are,
+    and W_enc's step is taken by the next forward's encode (`MaskedAdamW.encoder_step_in_forward`, as
+    the trainer's loop runs)."""
     fwd_bwd = layer_fwd_bwd(layer, x)
+    fused = opt.encoder_step_in_forward() if row_grads else None
+    if fused is not None:
+        fused.__enter__()  # for the life of the optimizer (kept referenced below: leaving it ends it)
 
     def call(_):
         layer.row_grads = row_grads
         fwd_bwd(None)
         opt.update(1.0, True, backward_norms=True)  # as the trainer calls it
 
+    call.fused = fused
     return Timed(f"{name} step, {update_name(opt, row_grads)} update", call)
 
 
@@ -90,6 +96,9 @@ def auxk_step_call(name: str, layer, opt: MaskedAdamW, x: torch.Tensor, dead_fra
     counted dead, its loss (SPEC 5, aux_coef 1/32, k_aux d/2) added to the MSE as `total_loss` adds it."""
     dead = torch.rand(layer.cfg.dict_size, generator=torch.Generator().manual_seed(seed)) < dead_frac
     k_aux = layer.cfg.resolved_k_aux
+
+    fused = opt.encoder_step_in_forward()
+    fused.__enter__()  # as the trainer's loop runs (see step_call)
 
     def call(_):
         layer.row_grads = True
@@ -100,6 +109,7 @@ def auxk_step_call(name: str, layer, opt: MaskedAdamW, x: torch.Tensor, dead_fra
         (mse + auxk_loss(layer, x, out.x_hat, dead, k_aux) / 32).backward()
         opt.update(1.0, True, backward_norms=True)
 
+    call.fused = fused
     return Timed(f"{name} step, AuxK with {dead_frac:.0%} dead", call)
 
 
@@ -135,8 +145,13 @@ def main() -> None:
     candidates = []
     for name, spec in models.items():
         torch.manual_seed(2)
-        layer = HSAELayer(spec.config(args.d), backend="cpp").train()
+        shared = HSAELayer(spec.config(args.d), backend="cpp").train()
+        torch.manual_seed(2)
+        own = HSAELayer(spec.config(args.d), backend="cpp").train()
         for row, row_grads in ((False, False), (True, False), (True, True)):
+            # The row-gradient step leaves W_enc's step to its next forward, as the trainer does: it has
+            # a layer of its own, or another candidate's forward would take that step and be timed for it.
+            layer = own if row_grads else shared
             candidates.append(step_call(name, layer, MaskedAdamW(layer, lr=1e-4, row_update=row), x, row_grads))
     candidates.append(floor_call(args.f, args.d))
     s = round_robin_samples(candidates, torch.device("cpu"), args.warmup, args.rounds)
@@ -163,10 +178,11 @@ def main() -> None:
     if fracs:
         candidates = []
         for name in ("flat", "wide"):
-            torch.manual_seed(2)
-            layer = HSAELayer(models[name].config(args.d), backend="cpp").train()
-            opt = MaskedAdamW(layer, lr=1e-4, row_update=True)
-            candidates += [auxk_step_call(name, layer, opt, x, f, seed=3) for f in fracs]
+            for f in fracs:  # a layer each (see above: the next forward takes W_enc's step)
+                torch.manual_seed(2)
+                layer = HSAELayer(models[name].config(args.d), backend="cpp").train()
+                opt = MaskedAdamW(layer, lr=1e-4, row_update=True)
+                candidates.append(auxk_step_call(name, layer, opt, x, f, seed=3))
         s = round_robin_samples(candidates, torch.device("cpu"), args.warmup, args.rounds)
         print("\n| dead features | flat step ms | wide step ms | flat / wide (q25-q75) |")
         print("|---|---|---|---|")

@@ -8,6 +8,7 @@
 #include "hsae_cpu.h"
 #include "parallel.h"
 #include "vector_loops.h"
+#include "adamw_row.h"
 
 #include <ATen/Parallel.h>
 
@@ -29,21 +30,6 @@ void check_rows(const at::Tensor& t, const char* name, int64_t F, int64_t d) {
               " must be a contiguous float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
   TORCH_CHECK(t.dim() == 2 && t.size(0) == F && t.size(1) == d, name, " must have shape (", F, ", ", d, "), got ",
               t.sizes());
-}
-
-// <a, b> in kLanes partial sums (reduce_lanes: the same bits on every machine width).
-HSAE_INLINE float row_dot(const float* a, const float* b, int64_t d) {
-  float acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= d; i += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) acc[l] += a[i + l] * b[i + l];
-  for (int64_t l = 0; i + l < d; ++l) acc[l] += a[i + l] * b[i + l];
-  return reduce_lanes(acc);
-}
-
-// c = (g . w) / max(|w|^2, 1e-12): the share of g along w that the projection removes.
-HSAE_INLINE float parallel_coef(const float* g, const float* w, int64_t d) {
-  return row_dot(g, w, d) / std::max(row_dot(w, w, d), 1e-12f);
 }
 
 // |g - c w|^2 for the clip norm, from one pass over both rows: |g|^2 - c (2 g.w - c |w|^2), the three
@@ -80,39 +66,6 @@ void sq_norm_rows(const float* g, const float* w, const int64_t* rows, int64_t d
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t f = rows ? rows[r] : r;
     out[r] = gradient_row_sq_norm(g + r * d, w ? w + f * d : nullptr, d);
-  }
-}
-
-struct AdamWScalars {
-  float decay, one_minus_beta1, beta2, one_minus_beta2, inv_bias_correction2_sqrt, step_size, eps, grad_scale;
-};
-
-// torch's fused AdamW per element (aten/src/ATen/native/cpu/FusedAdamKernel.cpp, ADAMW mode) with
-// g = (g - c * w) * grad_scale first: the projected, clipped gradient of the unfused path. Then,
-// with unit_rows, the row divided by its norm while it is still in L1. Two of torch's divisions
-// (by sqrt(bias_correction2), and the renorm's) are products with the reciprocal here: a division
-// costs several multiplies' time, and the pass is bound by them, not by memory (measured: 121 ms
-// with three divisions per element at F=65536, d=768). That changes the last bit, no more.
-//
-// With row gradients (rows given), g holds the touched rows only (row r is feature rows[r]'s) and
-// every other row steps with gradient zero: the same arithmetic on a zero (projected and scaled, a
-// zero gradient stays +0), so the result is the one of the dense gradient with its zero rows.
-HSAE_INLINE void update_row(float* pf, const float* gf, float* mf, float* vf, int64_t d, const AdamWScalars& s,
-                            bool project, bool unit_rows) {
-  const float c = project && gf ? parallel_coef(gf, pf, d) : 0.f;
-  for (int64_t i = 0; i < d; ++i) {
-    const float grad = gf ? (gf[i] - c * pf[i]) * s.grad_scale : 0.f;
-    const float param = pf[i] * s.decay;
-    const float avg = mf[i] + s.one_minus_beta1 * (grad - mf[i]);  // lerp(m, grad, 1 - beta1), weight < 0.5
-    const float avg_sq = vf[i] * s.beta2 + grad * grad * s.one_minus_beta2;
-    const float denom = std::sqrt(avg_sq) * s.inv_bias_correction2_sqrt + s.eps;
-    mf[i] = avg;
-    vf[i] = avg_sq;
-    pf[i] = param - s.step_size * avg / denom;
-  }
-  if (unit_rows) {
-    const float inv_norm = 1.f / std::max(std::sqrt(row_dot(pf, pf, d)), 1e-12f);
-    for (int64_t i = 0; i < d; ++i) pf[i] *= inv_norm;
   }
 }
 
@@ -185,16 +138,8 @@ void adamw_rows(const AdamWRowsArgs& a) {
     keep = a.keep_rows->data_ptr<bool>();
   }
   TORCH_CHECK(a.bias_correction1 > 0 && a.bias_correction2 > 0, "bias corrections must be > 0 (step >= 1)");
-  const AdamWScalars s{
-      static_cast<float>(1.0 - a.lr * a.weight_decay),
-      static_cast<float>(1.0 - a.beta1),
-      static_cast<float>(a.beta2),
-      static_cast<float>(1.0 - a.beta2),
-      static_cast<float>(1.0 / std::sqrt(a.bias_correction2)),
-      static_cast<float>(a.lr / a.bias_correction1),
-      static_cast<float>(a.eps),
-      static_cast<float>(a.grad_scale),
-  };
+  const AdamWScalars s = adamw_scalars(a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.bias_correction1,
+                                       a.bias_correction2, a.grad_scale);
   float* p = a.param.data_ptr<float>();
   const float* g = a.grad.data_ptr<float>();
   float* m = a.exp_avg.data_ptr<float>();
@@ -203,6 +148,62 @@ void adamw_rows(const AdamWRowsArgs& a) {
   for_each_chunk(F, kRowsPerTask, [&](int64_t f0, int64_t f1) {
     update_rows(p, g, rows, R, m, v, d, keep, f0, f1, s, a.project_parallel, a.unit_rows);
   });
+}
+
+namespace {
+HSAE_VECTOR_CLONES void take_pending_rows(float* W, int64_t f0, int64_t f1, int64_t d, const PendingRows& p) {
+  for (int64_t f = f0; f < f1; ++f) take_pending_row(W, f, d, p);
+}
+}  // namespace
+
+PendingRows pending_rows(const PendingStep& step, const at::Tensor& W, int64_t offset) {
+  PendingRows p;
+  if (!step.done.has_value()) return p;
+  const int64_t d = W.size(1);
+  TORCH_CHECK(step.exp_avg.has_value() && step.exp_avg_sq.has_value() && step.grad.has_value() &&
+                  step.grad_index.has_value() && step.scalars.has_value(), "a pending step needs all its tensors");
+  const int64_t F = step.exp_avg->size(0);
+  check_rows(*step.exp_avg, "exp_avg", F, d);
+  check_rows(*step.exp_avg_sq, "exp_avg_sq", F, d);
+  TORCH_CHECK(W.scalar_type() == at::kFloat && W.is_contiguous() && offset >= 0 && offset + W.size(0) <= F,
+              "a pending step needs a contiguous float32 slice of its matrix");
+  TORCH_CHECK(step.grad->scalar_type() == at::kFloat && step.grad->is_contiguous() && step.grad->dim() == 2 &&
+                  step.grad->size(1) == d, "pending grad must be contiguous float32 rows of width ", d);
+  TORCH_CHECK(step.grad_index->scalar_type() == at::kLong && step.grad_index->numel() == F &&
+                  step.grad_index->is_contiguous(), "pending grad_index: int64, one per row");
+  TORCH_CHECK(step.done->scalar_type() == at::kByte && step.done->numel() == F && step.done->is_contiguous(),
+              "pending done: uint8, one per row");
+  TORCH_CHECK(!step.keep.has_value() || (step.keep->scalar_type() == at::kBool && step.keep->numel() == F),
+              "pending keep: bool, one per row");
+  TORCH_CHECK(step.scalars->scalar_type() == at::kFloat && step.scalars->numel() == 8, "pending scalars: 8 floats");
+  const float* sc = step.scalars->data_ptr<float>();
+  p.m = step.exp_avg->data_ptr<float>();
+  p.v = step.exp_avg_sq->data_ptr<float>();
+  p.g = step.grad->data_ptr<float>();
+  p.g_index = step.grad_index->data_ptr<int64_t>();
+  p.keep = step.keep.has_value() ? step.keep->data_ptr<bool>() : nullptr;
+  p.done = step.done->data_ptr<uint8_t>();
+  p.s = AdamWScalars{sc[0], sc[1], sc[2], sc[3], sc[4], sc[5], sc[6], sc[7]};
+  p.offset = offset;
+  return p;
+}
+
+void take_pending_step(const at::Tensor& W, int64_t offset, const PendingStep& step) {
+  const PendingRows p = pending_rows(step, W, offset);
+  if (!p.active()) return;
+  float* w = W.data_ptr<float>();
+  for_each_chunk(W.size(0), kRowsPerTask, [&](int64_t f0, int64_t f1) { take_pending_rows(w, f0, f1, W.size(1), p); });
+}
+
+at::Tensor step_scalars(double lr, double beta1, double beta2, double eps, double weight_decay, double bias_correction1,
+                        double bias_correction2, double grad_scale) {
+  const AdamWScalars s = adamw_scalars(lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2,
+                                       grad_scale);
+  at::Tensor out = at::empty({8}, at::kFloat);
+  const float fields[8] = {s.decay, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.inv_bias_correction2_sqrt,
+                           s.step_size, s.eps, s.grad_scale};
+  std::copy(fields, fields + 8, out.data_ptr<float>());
+  return out;
 }
 
 }  // namespace hsae_cpu

@@ -11,9 +11,19 @@ using at::Tensor;
 void encode_forward(Tensor xc, Tensor W_enc, Tensor b_enc, Tensor edge_weight, Tensor path_mask, Tensor parent,
                     OptionalTensor parent_idx, OptionalTensor parent_vals, OptionalTensor child_ptr,
                     OptionalTensor child_ids, int64_t max_children, int64_t kmax, bool routed, int64_t screen, Tensor idx,
-                    Tensor scores, Tensor parent_slot) {
+                    Tensor scores, Tensor parent_slot, OptionalTensor pending_exp_avg, OptionalTensor pending_exp_avg_sq,
+                    OptionalTensor pending_grad, OptionalTensor pending_grad_index, OptionalTensor pending_keep,
+                    OptionalTensor pending_done, OptionalTensor pending_scalars, int64_t pending_offset) {
   hsae_cpu::encode_forward({xc, W_enc, b_enc, edge_weight, path_mask, parent, parent_idx, parent_vals, child_ptr,
-                            child_ids, max_children, kmax, routed, idx, scores, parent_slot, screen});
+                            child_ids, max_children, kmax, routed, idx, scores, parent_slot, screen,
+                            {pending_exp_avg, pending_exp_avg_sq, pending_grad, pending_grad_index, pending_keep,
+                             pending_done, pending_scalars},
+                            pending_offset});
+}
+
+void take_pending_step(Tensor W, int64_t offset, OptionalTensor exp_avg, OptionalTensor exp_avg_sq, OptionalTensor grad,
+                       OptionalTensor grad_index, OptionalTensor keep, OptionalTensor done, OptionalTensor scalars) {
+  hsae_cpu::take_pending_step(W, offset, {exp_avg, exp_avg_sq, grad, grad_index, keep, done, scalars});
 }
 
 // compact_W_enc: g_W_enc's first R rows receive a row gradient, whose rows are returned (else None).
@@ -54,11 +64,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto release_gil = py::call_guard<py::gil_scoped_release>();
   m.doc() = "hsae_fast's C++ CPU backend: fused top-k encode, routed encode, sparse decode, sparse backward, row-wise AdamW update";
   // Bumped whenever a binding's signature changes: hsae_fast/backends/cpp.py refuses an older build.
-  m.def("abi_version", []() { return 7; });
+  m.def("abi_version", []() { return 8; });
   m.def("pooled_gradient", &hsae_cpu::pooled_gradient);
   m.def("release_gradient_pool", &hsae_cpu::release_gradient_pool);
   m.def("gradient_pool_bytes", &hsae_cpu::gradient_pool_bytes);
-  m.def("encode_forward", &encode_forward, release_gil);
+  m.def("encode_forward", &encode_forward, release_gil, py::arg("xc"), py::arg("W_enc"), py::arg("b_enc"),
+        py::arg("edge_weight"), py::arg("path_mask"), py::arg("parent"), py::arg("parent_idx"),
+        py::arg("parent_vals"), py::arg("child_ptr"), py::arg("child_ids"), py::arg("max_children"),
+        py::arg("kmax"), py::arg("routed"), py::arg("screen"), py::arg("idx"), py::arg("scores"),
+        py::arg("parent_slot"), py::arg("pending_exp_avg") = py::none(), py::arg("pending_exp_avg_sq") = py::none(),
+        py::arg("pending_grad") = py::none(), py::arg("pending_grad_index") = py::none(),
+        py::arg("pending_keep") = py::none(), py::arg("pending_done") = py::none(),
+        py::arg("pending_scalars") = py::none(), py::arg("pending_offset") = 0);
+  m.def("take_pending_step", &take_pending_step, release_gil);
+  m.def("step_scalars", &hsae_cpu::step_scalars);
   m.def("screen_stats", &hsae_cpu::screen_stats, py::arg("reset") = false);
   m.def("encode_backward", &encode_backward, release_gil);
   m.def("decode_forward", &decode_forward, release_gil);

@@ -12,6 +12,7 @@
 #include "hsae_cpu.h"
 #include "parallel.h"
 #include "vector_loops.h"
+#include "adamw_row.h"
 
 #include <ATen/Parallel.h>
 #if defined(__x86_64__)
@@ -34,6 +35,8 @@
 #include <vector>
 
 namespace hsae_cpu {
+PendingRows pending_rows(const PendingStep& step, const at::Tensor& W, int64_t offset);  // adamw_rows.cpp
+
 namespace {
 
 using at::BFloat16;
@@ -901,6 +904,11 @@ void encode_dense_impl(const EncodeArgs& a) {
   }
 }
 
+// A run's child rows take W_enc's pending step (cloned like adamw_rows' pass: the same ISA, the same bits).
+HSAE_VECTOR_CLONES void take_pending_run(float* W, const int64_t* ids, int64_t count, int64_t d, const PendingRows& p) {
+  for (int64_t c = 0; c < count; ++c) take_pending_row(W, ids[c], d, p);
+}
+
 // ------------------------------------------------------------------------------------ routed encode
 // Candidates of token n are the children of its active parents; candidate (j, c) is child c of the
 // parent in slot j. Work runs over (token, slot) pairs sorted by parent, split into equal runs, so a
@@ -948,7 +956,25 @@ void encode_routed_impl(const EncodeArgs& a) {
   // A run of pairs with one parent is a small GEMM (its tokens x its children): each child row is
   // read once per run and dotted with all the run's tokens (four tokens share each load of it, and
   // the tokens' rows stay in L1), not once per (token, parent) pair from L2.
-  for_each_chunk(static_cast<int64_t>(pairs.size()), 64, [&](int64_t e0, int64_t e1) {
+  // W_enc's pending step (if any) is taken for each child row just before the run that reads it.
+  // Tasks hold whole runs, so no row is taken by two threads.
+  const PendingRows pending = pending_rows(a.pending, a.W_enc, a.pending_offset);
+  constexpr bool float_weights = std::is_same<W_t, float>::value;
+  TORCH_CHECK(!pending.active() || float_weights, "a pending step needs float32 weights");
+  // Where this level reads most of its rows (3/4 of its parents active), each row takes the step as
+  // its run reads it: the step rides on the encode's pass. Where it reads fewer (the SPEC default
+  // tree's bottom level, about half), the rows scattered here and the rest in the finishing pass cost
+  // more than one pass in row order: every row of the level takes it first, in that order.
+  int64_t active_parents = 0;
+  for (int64_t p = 0; p < P; ++p) active_parents += start[p + 1] > start[p];
+  const bool take_here = pending.active() && 4 * active_parents >= 3 * P;
+  if (pending.active() && !take_here) take_pending_step(a.W_enc, a.pending_offset, a.pending);
+  std::vector<int64_t> task_start(1, 0);
+  for (int64_t r = 1; r < static_cast<int64_t>(pairs.size()); ++r)
+    if (pidx[pairs[r]] != pidx[pairs[r - 1]] && r - task_start.back() >= 64) task_start.push_back(r);
+  task_start.push_back(static_cast<int64_t>(pairs.size()));
+  for_each_task(static_cast<int64_t>(task_start.size()) - 1, [&](int64_t task) {
+    const int64_t e0 = task_start[task], e1 = task_start[task + 1];
     std::vector<int64_t> tokens;
     std::vector<float> dots, w_row(d), edge_term;
     for (int64_t r0 = e0, r1; r0 < e1; r0 = r1) {
@@ -963,6 +989,8 @@ void encode_routed_impl(const EncodeArgs& a) {
       // waiting on memory: 1.04-1.08x on the bottom level of the wide tree, seven runs).
       const int64_t next_first = r1 < e1 ? child_ptr[pidx[pairs[r1]]] : 0;
       const int64_t next_count = r1 < e1 ? child_ptr[pidx[pairs[r1]] + 1] - next_first : 0;
+      if (take_here)
+        take_pending_run(reinterpret_cast<float*>(const_cast<W_t*>(W)), child_ids + first, count, d, pending);
       for (int64_t c = 0; c < count; ++c) {
         const int64_t id = child_ids[first + c];
         if (c < next_count) prefetch_to_l2(W + child_ids[next_first + c] * d, d * static_cast<int64_t>(sizeof(W_t)));
@@ -1366,6 +1394,8 @@ std::vector<int64_t> screen_stats(bool reset) {
 }
 
 void encode_forward(const EncodeArgs& args) {
+  // A dense level reads every row: its share of a pending step is taken first, in one pass.
+  if (!args.routed || args.max_children == 0) take_pending_step(args.W_enc, args.pending_offset, args.pending);
   if (args.kmax == 0 || args.xc.size(0) == 0) return;
   const bool bf16 = args.W_enc.scalar_type() == at::kBFloat16;
   if (args.routed) {

@@ -15,6 +15,12 @@ using OptionalTensor = c10::optional<at::Tensor>;
 // One level's encode. W_enc, b_enc, edge_weight, path_mask, parent are that level's rows only, and
 // every id is level-local: parent[f] and parent_idx index the level above, child_ids and the
 // returned idx this level (so each level's W_enc gradient is its own slice, not an F x d buffer).
+// An AdamW step of W_enc waiting to be taken row by row as the encode reads the rows (adamw_row.h,
+// PendingRows): all absent where there is none.
+struct PendingStep {
+  OptionalTensor exp_avg, exp_avg_sq, grad, grad_index, keep, done, scalars;
+};
+
 struct EncodeArgs {
   at::Tensor xc, W_enc, b_enc, edge_weight, path_mask, parent;
   OptionalTensor parent_idx, parent_vals, child_ptr, child_ids;
@@ -26,6 +32,8 @@ struct EncodeArgs {
   // GEMM's, proven per row. 0: never; 1: where it pays (hsae_cpu.cpp says when); 2: wherever it
   // applies (tests).
   int64_t screen = 0;
+  PendingStep pending;      // W_enc's pending step, if any; W_enc is rows pending_offset.. of its matrix
+  int64_t pending_offset = 0;
 };
 
 // Rows the bfloat16 screen scored since the last reset, and how many of them needed its second pass.
@@ -105,6 +113,11 @@ double grad_sq_norm(const at::Tensor& grad, const OptionalTensor& project_onto, 
 // can take their sums instead of reading the rows again: the same function, the same bits.
 float gradient_row_sq_norm(const float* g, const float* w, int64_t d);
 void adamw_rows(const AdamWRowsArgs& args);
+// The pending step taken for every row of W (rows offset.. of its matrix) not taken yet.
+void take_pending_step(const at::Tensor& W, int64_t offset, const PendingStep& step);
+// The 8 float scalars of one AdamW step, as adamw_rows computes them.
+at::Tensor step_scalars(double lr, double beta1, double beta2, double eps, double weight_decay, double bias_correction1,
+                        double bias_correction2, double grad_scale);
 
 void encode_forward(const EncodeArgs& args);
 // The backward passes return the rows of a row gradient when asked for one (compact_W_*).

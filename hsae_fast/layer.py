@@ -42,6 +42,10 @@ def _capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+def _current_rows_before_saving(module, prefix, keep_vars) -> None:
+    module.current_encoder_rows()
+
+
 class HSAELayer(nn.Module):
     """A hierarchical sparse autoencoder (a flat TopK SAE when the config has one level).
 
@@ -75,6 +79,11 @@ class HSAELayer(nn.Module):
         # does (it sets this when its row update can run); torch.optim.AdamW does not. Eager only:
         # under torch.compile the gradients stay dense.
         self.row_grads = False
+        # While an optimizer leaves W_enc's step for the next forward to take (MaskedAdamW's
+        # `encoder_step_in_forward`), a weak reference to it: what reads W_enc outside the encode asks
+        # it to finish the step first (`current_encoder_rows`).
+        self._pending_encoder = None
+        self.register_state_dict_pre_hook(_current_rows_before_saving)
 
     # ------------------------------------------------------------------ helpers
     def tree_plan(self) -> TreePlan:
@@ -147,6 +156,19 @@ class HSAELayer(nn.Module):
         """(x2 as the SPEC forward takes it, the factor that made it or None): see `input_scale`."""
         scale = self.input_scale(x2)
         return (x2 if scale is None else x2 * scale), scale
+
+    def current_encoder_rows(self) -> None:
+        """Every row of W_enc up to date where an optimizer left its step for the next forward
+        (MaskedAdamW.encoder_step_in_forward); nothing otherwise."""
+        owner = self._pending_encoder() if self._pending_encoder is not None else None
+        if owner is not None:
+            owner.finish_encoder_step()
+
+    def __getstate__(self):
+        self.current_encoder_rows()  # a copy gets W_enc up to date, and no optimizer
+        state = self.__dict__.copy()
+        state["_pending_encoder"] = None
+        return state
 
     # ------------------------------------------------------------------ the API
     def encode_levels(self, x2: torch.Tensor, selection: Optional[str] = None) -> list:
@@ -235,6 +257,7 @@ class HSAELayer(nn.Module):
                 f"selection={c.selection}, backend={self.backend}")
 
     def _load_from_state_dict(self, *args, **kwargs):
+        self.current_encoder_rows()  # the pending step first, as it would have been taken
         super()._load_from_state_dict(*args, **kwargs)
         self._mask_version += 1
 

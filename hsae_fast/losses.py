@@ -141,6 +141,7 @@ def auxk_loss(layer, x: torch.Tensor, x_hat: torch.Tensor, dead: torch.Tensor, k
     W_dec.grad then stay sparse; optimizers such as AdamW need dense ones, so add AuxK to the main
     loss (as `total_loss` does). With few dead features, dense products over the dead rows."""
     dead_ids = torch.nonzero(dead).squeeze(1)
+    layer.current_encoder_rows()  # the dead rows of W_enc are read below, outside the encode
     x2 = x.reshape(-1, x.shape[-1])
     if dead_ids.numel() == 0 or x2.shape[0] == 0:
         return x2.new_zeros((), dtype=torch.float32)

@@ -1,4 +1,5 @@
 """The trainer's pieces, each shown to do what it says on a tiny synthetic hierarchy."""
+import contextlib
 import json
 
 import pytest
@@ -429,6 +430,109 @@ def test_backward_row_norms_give_the_update_it_computes_itself(sizes, k, d, unit
         final.append({n: p.detach().clone() for n, p in layer.named_parameters()})
     for name in final[0]:
         assert torch.equal(final[0][name], final[1][name]), f"{name} differs with the backward's row norms"
+
+
+@needs_cpp
+@pytest.mark.parametrize("sizes,k,d,selection", [((40, 6, 2), (5, 2, 1), 24, "batch"), ((37,), (4,), 130, "batch"),
+                                                 ((29, 3, 1), (4, 2, 1), 1, "token"), ((90, 12, 3), (7, 3, 1), 17, "token"),
+                                                 ((400, 100, 4), (2, 1, 1), 9, "token")])
+@pytest.mark.parametrize("event", [None, "auxk", "prune", "state_dict", "load", "copy", "eval forward"])
+def test_encoder_step_in_forward_is_the_step_taken_in_update(sizes, k, d, selection, event):
+    """`MaskedAdamW.encoder_step_in_forward`: W_enc's step left for the next forward's cpp encode to take
+    row by row gives the parameters and moments of taking it in `update`, bit for bit, over steps with
+    a binding clip, weight decay, a changing lr, and something else reading W_enc in between."""
+    import copy
+
+    from hsae_fast.losses import auxk_loss
+
+    cfg = HSAEConfig(d_model=d, level_sizes=sizes, k=k, selection=selection)
+    torch.manual_seed(0)
+    base = HSAELayer(cfg, backend="cpp").train()
+    # 19 tokens: most parents active in the small trees; the last tree's middle level has 100 parents,
+    # of which these tokens activate few (its rows then take the step in one pass before the encode)
+    xs = torch.randn(5, 19, d)
+    final, snapshots = [], []
+    for fused in (False, True):
+        layer = HSAELayer(cfg, backend="cpp").train()
+        layer.load_state_dict(base.state_dict())
+        layer.row_grads = True
+        opt = MaskedAdamW(layer, lr=1e-2, weight_decay=0.1)
+        snapshot = []
+        with opt.encoder_step_in_forward() if fused else contextlib.nullcontext():
+            for step, x in enumerate(xs):
+                for group in opt.param_groups:
+                    group["lr"] = 1e-2 / (1 + step)
+                opt.zero_grad(set_to_none=True)
+                out = layer(x)
+                loss = (out.x_hat - x).pow(2).sum()
+                if event == "auxk":
+                    loss = loss + auxk_loss(layer, x, out.x_hat, torch.arange(cfg.dict_size) % 3 == 0, 2)
+                loss.backward()
+                opt.update(1e-3, True)  # 1e-3: the clip binds
+                if fused:  # the step is left pending, not taken
+                    assert opt._pending_encoder_step is not None
+                if step == 2 and event == "prune":
+                    layer.prune([1, cfg.dict_size - 1])
+                elif step == 2 and event == "state_dict":  # what is saved is the stepped W_enc and moments
+                    saved = opt.state_dict()["state"]
+                    snapshot = [layer.state_dict()["W_enc"].clone()] + [
+                        saved[i][key].clone() for i in saved for key in ("exp_avg", "exp_avg_sq")]
+                elif step == 2 and event == "load":
+                    opt.load_state_dict(opt.state_dict())
+                elif step == 2 and event == "copy":
+                    twin = copy.deepcopy(layer)
+                    assert twin._pending_encoder is None
+                    snapshot = [twin.W_enc.detach().clone()]
+                elif step == 2 and event == "eval forward":
+                    with torch.no_grad():
+                        layer.eval()(xs[0])
+                    layer.train()
+        assert opt._pending_encoder_step is None and layer._pending_encoder is None  # taken on leaving
+        snapshots.append(snapshot)
+        state = opt.state[layer.W_enc]
+        final.append({**{n: p.detach().clone() for n, p in layer.named_parameters()},
+                      "exp_avg": state["exp_avg"].clone(), "exp_avg_sq": state["exp_avg_sq"].clone()})
+    for name in final[0]:
+        assert torch.equal(final[0][name], final[1][name]), f"{name} differs with the step taken in the forward"
+    for eager, fused in zip(*snapshots):
+        assert torch.equal(eager, fused), f"{event}: a copy or state_dict saw W_enc before its step"
+
+
+@needs_cpp
+@pytest.mark.parametrize("tokens", [8, 64])
+def test_encoder_step_in_forward_is_taken_by_the_encode(tokens):
+    """The forward's encode takes the pending step for every row it reads (a dense level's rows, a routed
+    level's children of active parents: as its runs read them where most parents are active, else all
+    its rows first), before reading them; the other rows wait for the finish."""
+    from hsae_fast.backends import cpp
+
+    cfg = HSAEConfig(d_model=12, level_sizes=(40, 6, 2), k=(3, 1, 1))
+    torch.manual_seed(0)
+    layer = HSAELayer(cfg, backend="cpp").train()
+    layer.row_grads = True
+    opt = MaskedAdamW(layer, lr=1e-2)
+    x = torch.randn(tokens, 12)
+    with opt.encoder_step_in_forward():
+        for _ in range(2):
+            opt.zero_grad(set_to_none=True)
+            (layer(x).x_hat - x).pow(2).sum().backward()
+            opt.update(1.0, True)
+        done = opt._pending_encoder_step["done"]
+        assert not done.any()
+        before = layer.W_enc.detach().clone()
+        with torch.no_grad():
+            out = layer(x)
+        taken = done.bool()
+        middle = out.levels[1]
+        active_parents = middle.idx[middle.vals != 0].unique()
+        read = torch.isin(layer.parent[:40], active_parents)  # the bottom rows the routed encode scored
+        assert taken[40:].all() and taken[:40][read].all()
+        changed = (layer.W_enc.detach() != before).any(1)
+        assert changed.any() and not (changed & ~taken).any()  # only taken rows moved (a row with no
+        # gradient yet, moments zero, takes a step of zero)
+        assert cpp._pending_args(layer.W_enc)  # still registered until the finish
+    assert done.all() and opt._pending_encoder_step is None  # the rest taken on leaving the block
+    assert not cpp._pending_args(layer.W_enc)
 
 
 @needs_cpp

@@ -43,8 +43,8 @@ _status: Optional[tuple[bool, str]] = None
 # What this file calls in the module: a build without one of them is stale and not used.
 _ENTRY_POINTS = ("encode_forward", "encode_backward", "decode_forward", "decode_backward", "pooled_gradient",
                  "release_gradient_pool", "gradient_pool_bytes", "grad_sq_norm", "adamw_rows", "abi_version",
-                 "screen_stats")
-_ABI_VERSION = 7  # csrc/bindings.cpp's abi_version(): the argument lists this file passes
+                 "screen_stats", "take_pending_step", "step_scalars")
+_ABI_VERSION = 8  # csrc/bindings.cpp's abi_version(): the argument lists this file passes
 # HSAE_CPU_BF16_SCREEN: "auto" (default), "1", "always" or "0"; see `screen_mode`.
 SCREEN_ENV = "HSAE_CPU_BF16_SCREEN"
 
@@ -175,6 +175,34 @@ def screen_stats(reset: bool = False) -> tuple[int, int]:
     return int(screened), int(full)
 
 
+# W_enc's AdamW steps waiting to be taken as the encode reads each row (MaskedAdamW.encoder_step_in_forward),
+# by the matrix's storage: (the matrix, the step's tensors in PENDING_KEYS order). The entry holds the
+# matrix, so its storage cannot be freed and its address given to another tensor while registered.
+PENDING_KEYS = ("exp_avg", "exp_avg_sq", "grad", "grad_index", "keep", "done", "scalars")
+_pending_steps: dict = {}
+
+
+def set_pending_step(W: torch.Tensor, step: Optional[dict]) -> None:
+    """Registers (or with None removes) the pending step of the matrix W (contiguous float32, CPU)."""
+    key = W.untyped_storage().data_ptr()
+    if step is None:
+        _pending_steps.pop(key, None)
+    else:
+        _pending_steps[key] = (W, tuple(step[k] for k in PENDING_KEYS))
+
+
+def _pending_args(W: torch.Tensor) -> dict:
+    """The pending step's arguments for a slice of rows of a registered matrix (else none)."""
+    if not _pending_steps or W.device.type != "cpu":
+        return {}
+    entry = _pending_steps.get(W.untyped_storage().data_ptr())
+    if entry is None:
+        return {}
+    matrix, tensors = entry
+    offset = (W.data_ptr() - matrix.data_ptr()) // (W.stride(0) * W.element_size())
+    return dict(zip(("pending_" + k for k in PENDING_KEYS), tensors), pending_offset=offset)
+
+
 def encode_forward(xc, W_enc, b_enc, edge_weight, path_mask, parent, parent_idx, parent_vals, child_ptr, child_ids,
                    max_children: int, kmax: int, routed: bool, screen: bool = True):
     """See `torch_sparse.encode_forward`. `screen=False`: never the bfloat16 screen (see `screen_mode`)."""
@@ -191,7 +219,7 @@ def encode_forward(xc, W_enc, b_enc, edge_weight, path_mask, parent, parent_idx,
         xc_in, _weights(W_enc), _f32(b_enc), _f32(edge_weight), path_mask.contiguous(), parent.contiguous(),
         _contiguous(parent_idx), _f32(parent_vals), _contiguous(child_ptr), _contiguous(child_ids),
         max_children, kmax, routed, screen_mode() if screen and not routed else 0, idx,
-        scores, parent_slot,
+        scores, parent_slot, **_pending_args(W_enc),
     )
     return idx, scores, parent_slot
 

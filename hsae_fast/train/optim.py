@@ -4,7 +4,9 @@ unit-norm decoder rows with the parallel gradient removed, and the data-driven `
 matrices' part as one pass over their rows (csrc/adamw_rows.cpp), the functions below otherwise."""
 from __future__ import annotations
 
+import contextlib
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -37,6 +39,8 @@ class MaskedAdamW(torch.optim.AdamW):
         super().__init__(groups, lr=lr, betas=betas, fused=True)
         self._feature_params = [p for n, p in named if n in FEATURE_PARAMS]
         self._matrices = {id(p) for n, p in named if n in DECAYED_PARAMS}  # what `update` may take by rows
+        self._fused_encoder = False  # inside `encoder_step_in_forward` with the cpp backend
+        self._pending_encoder_step: Optional[dict] = None  # W_enc's step not yet taken by every row
         # On CPU, every step passes over these matrices and their moments whole: on 2 MiB pages that
         # is a page walk per 2 MiB, not per 4 KiB (host.py). Same values, same Parameter objects.
         with torch.no_grad():
@@ -44,7 +48,52 @@ class MaskedAdamW(torch.optim.AdamW):
                 if n in DECAYED_PARAMS and p.is_contiguous():
                     p.data = host.to_huge_pages(p.data)
 
+    @contextlib.contextmanager
+    def encoder_step_in_forward(self):
+        """Within the block, `update` leaves W_enc's step pending (its gradient rows, clip factor and
+        scalars) and the next forward takes it row by row as the cpp encode reads each row (the routed
+        levels read almost all of W_enc: one pass over it instead of two, the update's traffic next to
+        the encode's arithmetic). Rows the forward does not read take it when anything else would read
+        them (`finish_encoder_step`: AuxK, a state_dict of the layer or of this optimizer, a copy, the
+        next update, the end of the block). Each row takes the step exactly once, with adamw_rows'
+        arithmetic: every result is bit for bit the one of taking it in `update`. Code of one's own
+        that reads `layer.W_enc` inside the block sees rows one step old: call `finish_encoder_step()`
+        first. Only with the cpp backend's row update (CPU, float32, row gradients); a no-op otherwise.
+        The trainer runs its loop inside this block."""
+        if self._fused_encoder:
+            raise RuntimeError("encoder_step_in_forward is already active on this optimizer")
+        self._fused_encoder = self.takes_row_grads() and self.layer.backend_for(self.layer.W_enc.device) == "cpp"
+        self.layer._pending_encoder = weakref.ref(self)
+        try:
+            yield self
+        finally:
+            try:
+                self.finish_encoder_step()
+            finally:
+                self._fused_encoder = False
+                self.layer._pending_encoder = None
+
+    @torch.no_grad()
+    def finish_encoder_step(self) -> None:
+        """Takes W_enc's pending step (see `encoder_step_in_forward`) for every row that has not."""
+        z = self._pending_encoder_step
+        if z is None:
+            return
+        W = self.layer.W_enc
+        cpp.row_update_module().take_pending_step(W, 0, *(z[k] for k in cpp.PENDING_KEYS))
+        cpp.set_pending_step(W, None)
+        self._pending_encoder_step = None
+
+    def state_dict(self):
+        self.finish_encoder_step()  # the moments as the step leaves them
+        return super().state_dict()
+
+    def __getstate__(self):
+        self.finish_encoder_step()
+        return super().__getstate__()
+
     def load_state_dict(self, state_dict) -> None:
+        self.finish_encoder_step()
         super().load_state_dict(state_dict)
         # torch makes the loaded moments fresh tensors; back onto 2 MiB pages (see __init__)
         for p in (p for group in self.param_groups for p in group["params"] if id(p) in self._matrices):
@@ -69,6 +118,8 @@ class MaskedAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
+        if self.layer.W_enc.grad is not None:  # W_enc steps here (not from `update`, which hides it)
+            self.finish_encoder_step()
         self._expand_row_grads()
         pruned = ~self.layer.path_mask
         if not pruned.any():
@@ -97,6 +148,7 @@ class MaskedAdamW(torch.optim.AdamW):
         computed as it wrote them (ops/row_norms.py; the same bits as computing them here), where
         they still match the gradient; for a caller that changes no gradient between its backward
         and this update (the trainer)."""
+        self.finish_encoder_step()  # the last step's rows that no forward read since
         matrices = self._row_update_matrices()
         if matrices is None:
             self._expand_row_grads()
@@ -155,6 +207,19 @@ class MaskedAdamW(torch.optim.AdamW):
             beta1, beta2 = group["betas"]
             unit = unit_decoder and p is W_dec
             values, rows = by_rows[id(p)]
+            if self._fused_encoder and p is self.layer.W_enc and rows is not None:
+                # Taken by the next forward's encode, row by row (encoder_step_in_forward).
+                index = torch.full((p.shape[0],), -1, dtype=torch.int64)
+                index[rows] = torch.arange(rows.numel())
+                self._pending_encoder_step = dict(
+                    exp_avg=state["exp_avg"], exp_avg_sq=state["exp_avg_sq"], grad=values, grad_index=index,
+                    keep=self.layer.path_mask.clone(),
+                    done=torch.zeros(p.shape[0], dtype=torch.uint8),
+                    scalars=ext.step_scalars(float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
+                                             float(group["weight_decay"]), 1.0 - beta1 ** step, 1.0 - beta2 ** step,
+                                             scale))
+                cpp.set_pending_step(p, self._pending_encoder_step)
+                continue
             ext.adamw_rows(p, values, state["exp_avg"], state["exp_avg_sq"], self.layer.path_mask.contiguous(), rows,
                            float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
                            float(group["weight_decay"]), 1.0 - beta1 ** step, 1.0 - beta2 ** step, scale, unit, unit)

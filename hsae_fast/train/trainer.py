@@ -8,6 +8,7 @@ trackers (dead features for AuxK, firing counts for logging, pruning and adaptiv
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -302,7 +303,10 @@ class Trainer:
         window_start, window_tokens = time.perf_counter(), 0
         # host.training_loop: freed blocks reused instead of faulted in again, the collector
         # skipping the objects made before the loop (a sixth of a routed CPU step; host.py).
-        with open(metrics_path, "a") as log, host.training_loop(cpu=self.device.type == "cpu"):
+        # encoder_step_in_forward: W_enc's AdamW step taken by the next forward's encode as it reads
+        # each row (one pass over W_enc a step instead of two; the same bits); one process only.
+        fused = self.optimizer.encoder_step_in_forward() if self.dist.world == 1 else contextlib.nullcontext()
+        with open(metrics_path, "a") as log, host.training_loop(cpu=self.device.type == "cpu"), fused:
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
                 parts = self.train_step(next(batches))
