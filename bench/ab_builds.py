@@ -30,13 +30,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.cases import default_tree, flat, wide_tree  # noqa: E402
-from bench.timing import Timed, paired_ratio, parse_cpp_script_args, round_robin_samples, summarize  # noqa: E402
+from bench.cases import add_step_case_args, step_case  # noqa: E402
+from bench.timing import (Timed, paired_ratio, parse_cpp_script_args, round_robin_samples, summarize,  # noqa: E402
+                          trainer_step_over)
 from hsae_fast import HSAELayer  # noqa: E402
 from hsae_fast.backends import cpp  # noqa: E402
 from hsae_fast.train.optim import MaskedAdamW  # noqa: E402
 
-K_TREE = (20, 8, 4)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -62,11 +62,7 @@ def build_baseline(ref: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("wide", "default", "flat"), default="wide")
-    parser.add_argument("--n", type=int, default=1024)
-    parser.add_argument("--d", type=int, default=768)
-    parser.add_argument("--f", type=int, default=65536)
-    parser.add_argument("--batches", type=int, default=8, help="distinct batches, taken in turn")
+    add_step_case_args(parser)
     parser.add_argument("--baseline", metavar="REF", help="A: this git ref's csrc/ (default: the installed module)")
     parser.add_argument("--no-fused-encoder", dest="fused_encoder", action="store_false",
                         help="W_enc's step in the update, not in the next forward (for builds without it)")
@@ -77,27 +73,15 @@ def main() -> None:
     if checkout.abi_version() != baseline.abi_version():
         raise SystemExit(f"the builds take different arguments (ABI {baseline.abi_version()} in A, "
                          f"{checkout.abi_version()} in csrc/): compare builds of one ABI")
-    spec = {"wide": wide_tree(args.f, K_TREE), "default": default_tree(args.f, K_TREE),
-            "flat": flat(args.f, 32, "batch")}[args.model]
-    gen = torch.Generator().manual_seed(0)
-    batches = [torch.randn(args.n, args.d, generator=gen) for _ in range(args.batches)]
+    spec, batches = step_case(args)
     torch.manual_seed(2)
     layer = HSAELayer(spec.config(args.d), backend="cpp").train()
     optimizer = MaskedAdamW(layer, lr=1e-4)
     layer.row_grads = optimizer.takes_row_grads()
-    calls = [0]
+    step = trainer_step_over(layer, optimizer, batches)
     # As the trainer's loop runs; both builds must have it (a build without encoder steps in the
     # forward would read W_enc rows a step old: compare such builds with --no-fused-encoder).
     fused = optimizer.encoder_step_in_forward() if args.fused_encoder else contextlib.nullcontext()
-
-    def step(_):
-        x = batches[calls[0] % len(batches)]
-        calls[0] += 1
-        for p in layer.parameters():
-            p.grad = None
-        out = layer(x)
-        (out.x_hat - x).float().pow(2).sum(-1).mean().backward()
-        optimizer.update(1.0, True, backward_norms=True)
 
     def use(module):
         def setup():

@@ -207,3 +207,25 @@ def training_state_bytes(spec: ModelSpec, d: int, element_size: int) -> int:
     F = spec.dict_size
     params = 2 * F * d + 2 * F + d
     return params * element_size * 4 + 2 * F * d * 8 * 2
+
+
+STEP_K = (20, 8, 4)  # the trees' k in the step scripts (issue 10: total 32, as the flat SAE's)
+
+
+def add_step_case_args(parser) -> None:
+    """The step scripts' shared options: which model (`step_case`), its shape, and the batch pool."""
+    parser.add_argument("--model", choices=("wide", "default", "flat"), default="wide")
+    parser.add_argument("--n", type=int, default=1024)
+    parser.add_argument("--d", type=int, default=768)
+    parser.add_argument("--f", type=int, default=65536)
+    parser.add_argument("--batches", type=int, default=8, help="distinct batches, taken in turn")
+
+
+def step_case(args) -> tuple:
+    """(ModelSpec, batches) for `add_step_case_args`' options: the wide or SPEC-default tree (k STEP_K),
+    or the flat SAE (k 32), all with batch selection; `args.batches` fixed random (n, d) batches."""
+    spec = {"wide": wide_tree(args.f, STEP_K), "default": default_tree(args.f, STEP_K),
+            "flat": flat(args.f, sum(STEP_K), "batch")}[args.model]
+    gen = torch.Generator().manual_seed(0)
+    return spec, [torch.randn(args.n, args.d, generator=gen) for _ in range(args.batches)]
+

@@ -114,6 +114,23 @@ def layer_fwd_bwd(layer, x: torch.Tensor) -> Callable[[Any], None]:
     return call
 
 
+def trainer_step_over(layer, optimizer, batches: list) -> Callable[[Any], None]:
+    """A timed call: the trainer's step (gradients set to None, forward, backward of the MSE,
+    `optimizer.update` as the trainer calls it) on the next of `batches`, taken in turn; `call.steps`
+    counts the steps taken."""
+    def call(_):
+        x = batches[call.steps % len(batches)]
+        call.steps += 1
+        for p in layer.parameters():
+            p.grad = None
+        out = layer(x)
+        (out.x_hat - x).float().pow(2).sum(-1).mean().backward()
+        optimizer.update(1.0, True, backward_norms=True)
+
+    call.steps = 0
+    return call
+
+
 def steady_fused_adamw(params: list, lr: float) -> torch.optim.Optimizer:
     """torch's fused AdamW (CPU and CUDA) with its moments allocated by a step at lr 0, which moves
     nothing: the first timed step is then a steady-state one, not one that also creates the state.
