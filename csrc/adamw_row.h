@@ -29,6 +29,9 @@ HSAE_INLINE float parallel_coef(const float* g, const float* w, int64_t d) {
 struct AdamWScalars {
   float decay, one_minus_beta1, beta2, one_minus_beta2, inv_bias_correction2_sqrt, step_size, eps, grad_scale;
 };
+// A step's scalars as floats in a tensor (step_scalars, a pending step): the struct's fields in order.
+constexpr int64_t kStepScalars = sizeof(AdamWScalars) / sizeof(float);
+static_assert(sizeof(AdamWScalars) == kStepScalars * sizeof(float), "AdamWScalars holds floats only");
 
 // A step's scalars as adamw_rows computes them from its double arguments (the same floats wherever
 // the step is taken).

@@ -8,13 +8,13 @@
 #include "hsae_cpu.h"
 #include "parallel.h"
 #include "vector_loops.h"
-#include "adamw_row.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace hsae_cpu {
@@ -150,11 +150,10 @@ void adamw_rows(const AdamWRowsArgs& a) {
   });
 }
 
-namespace {
-HSAE_VECTOR_CLONES void take_pending_rows(float* W, int64_t f0, int64_t f1, int64_t d, const PendingRows& p) {
-  for (int64_t f = f0; f < f1; ++f) take_pending_row(W, f, d, p);
+HSAE_VECTOR_CLONES void take_pending_rows(float* W, const int64_t* ids, int64_t begin, int64_t end, int64_t d,
+                                          const PendingRows& p) {
+  for (int64_t i = begin; i < end; ++i) take_pending_row(W, ids ? ids[i] : i, d, p);
 }
-}  // namespace
 
 PendingRows pending_rows(const PendingStep& step, const at::Tensor& W, int64_t offset) {
   PendingRows p;
@@ -175,15 +174,15 @@ PendingRows pending_rows(const PendingStep& step, const at::Tensor& W, int64_t o
               "pending done: uint8, one per row");
   TORCH_CHECK(!step.keep.has_value() || (step.keep->scalar_type() == at::kBool && step.keep->numel() == F),
               "pending keep: bool, one per row");
-  TORCH_CHECK(step.scalars->scalar_type() == at::kFloat && step.scalars->numel() == 8, "pending scalars: 8 floats");
-  const float* sc = step.scalars->data_ptr<float>();
+  TORCH_CHECK(step.scalars->scalar_type() == at::kFloat && step.scalars->numel() == kStepScalars,
+              "pending scalars: ", kStepScalars, " floats (step_scalars)");
   p.m = step.exp_avg->data_ptr<float>();
   p.v = step.exp_avg_sq->data_ptr<float>();
   p.g = step.grad->data_ptr<float>();
   p.g_index = step.grad_index->data_ptr<int64_t>();
   p.keep = step.keep.has_value() ? step.keep->data_ptr<bool>() : nullptr;
   p.done = step.done->data_ptr<uint8_t>();
-  p.s = AdamWScalars{sc[0], sc[1], sc[2], sc[3], sc[4], sc[5], sc[6], sc[7]};
+  std::memcpy(&p.s, step.scalars->data_ptr<float>(), sizeof(AdamWScalars));
   p.offset = offset;
   return p;
 }
@@ -192,17 +191,15 @@ void take_pending_step(const at::Tensor& W, int64_t offset, const PendingStep& s
   const PendingRows p = pending_rows(step, W, offset);
   if (!p.active()) return;
   float* w = W.data_ptr<float>();
-  for_each_chunk(W.size(0), kRowsPerTask, [&](int64_t f0, int64_t f1) { take_pending_rows(w, f0, f1, W.size(1), p); });
+  for_each_chunk(W.size(0), kRowsPerTask, [&](int64_t f0, int64_t f1) { take_pending_rows(w, nullptr, f0, f1, W.size(1), p); });
 }
 
 at::Tensor step_scalars(double lr, double beta1, double beta2, double eps, double weight_decay, double bias_correction1,
                         double bias_correction2, double grad_scale) {
   const AdamWScalars s = adamw_scalars(lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2,
                                        grad_scale);
-  at::Tensor out = at::empty({8}, at::kFloat);
-  const float fields[8] = {s.decay, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.inv_bias_correction2_sqrt,
-                           s.step_size, s.eps, s.grad_scale};
-  std::copy(fields, fields + 8, out.data_ptr<float>());
+  at::Tensor out = at::empty({kStepScalars}, at::kFloat);
+  std::memcpy(out.data_ptr<float>(), &s, sizeof(AdamWScalars));
   return out;
 }
 

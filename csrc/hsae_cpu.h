@@ -5,6 +5,8 @@
 
 #include <ATen/ATen.h>
 
+#include "adamw_row.h"
+
 #include <cstdint>
 #include <vector>
 
@@ -12,15 +14,15 @@ namespace hsae_cpu {
 
 using OptionalTensor = c10::optional<at::Tensor>;
 
-// One level's encode. W_enc, b_enc, edge_weight, path_mask, parent are that level's rows only, and
-// every id is level-local: parent[f] and parent_idx index the level above, child_ids and the
-// returned idx this level (so each level's W_enc gradient is its own slice, not an F x d buffer).
 // An AdamW step of W_enc waiting to be taken row by row as the encode reads the rows (adamw_row.h,
 // PendingRows): all absent where there is none.
 struct PendingStep {
   OptionalTensor exp_avg, exp_avg_sq, grad, grad_index, keep, done, scalars;
 };
 
+// One level's encode. W_enc, b_enc, edge_weight, path_mask, parent are that level's rows only, and
+// every id is level-local: parent[f] and parent_idx index the level above, child_ids and the
+// returned idx this level (so each level's W_enc gradient is its own slice, not an F x d buffer).
 struct EncodeArgs {
   at::Tensor xc, W_enc, b_enc, edge_weight, path_mask, parent;
   OptionalTensor parent_idx, parent_vals, child_ptr, child_ids;
@@ -115,6 +117,11 @@ float gradient_row_sq_norm(const float* g, const float* w, int64_t d);
 void adamw_rows(const AdamWRowsArgs& args);
 // The pending step taken for every row of W (rows offset.. of its matrix) not taken yet.
 void take_pending_step(const at::Tensor& W, int64_t offset, const PendingStep& step);
+// The step's pointers, checked against W (rows offset.. of its matrix); inactive without a step.
+PendingRows pending_rows(const PendingStep& step, const at::Tensor& W, int64_t offset);
+// Rows ids[i] (ids null: i) of the slice W, for begin <= i < end, take the pending step (adamw_rows'
+// ISA clones: the same bits wherever it is taken).
+void take_pending_rows(float* W, const int64_t* ids, int64_t begin, int64_t end, int64_t d, const PendingRows& p);
 // The 8 float scalars of one AdamW step, as adamw_rows computes them.
 at::Tensor step_scalars(double lr, double beta1, double beta2, double eps, double weight_decay, double bias_correction1,
                         double bias_correction2, double grad_scale);
