@@ -384,6 +384,25 @@ def test_train_config_rejects_bad_values():
         TrainConfig(model="gpt2")
 
 
+def _squared_error(layer: HSAELayer, x: torch.Tensor, with_auxk: bool) -> torch.Tensor:
+    """The summed squared error of layer(x), plus AuxK with every third feature counted dead."""
+    from hsae_fast.losses import auxk_loss
+
+    out = layer(x)
+    loss = (out.x_hat - x).pow(2).sum()
+    if with_auxk:
+        loss = loss + auxk_loss(layer, x, out.x_hat, torch.arange(layer.cfg.dict_size) % 3 == 0, 2)
+    return loss
+
+
+def _row_gradient_twin(base: HSAELayer) -> tuple:
+    """A cpp copy of `base` with row gradients, and its MaskedAdamW (lr 1e-2, weight decay 0.1)."""
+    layer = HSAELayer(base.cfg, backend="cpp").train()
+    layer.load_state_dict(base.state_dict())
+    layer.row_grads = True
+    return layer, MaskedAdamW(layer, lr=1e-2, weight_decay=0.1)
+
+
 @needs_cpp
 @pytest.mark.parametrize("sizes,k,d", [((40, 6, 2), (5, 2, 1), 24), ((37,), (4,), 130), ((29, 3, 1), (4, 2, 1), 1)])
 @pytest.mark.parametrize("unit_decoder", [True, False])
@@ -393,7 +412,6 @@ def test_backward_row_norms_give_the_update_it_computes_itself(sizes, k, d, unit
     the same parameters, bit for bit, as computing them in the update, with a binding clip; a gradient
     changed after backward (in place through it, by a sparse op, or by AuxK's second contribution) is
     not taken for the rows the backward wrote."""
-    from hsae_fast.losses import auxk_loss
     from hsae_fast.ops import row_norms
 
     cfg = HSAEConfig(d_model=d, level_sizes=sizes, k=k, selection="batch")
@@ -402,18 +420,11 @@ def test_backward_row_norms_give_the_update_it_computes_itself(sizes, k, d, unit
     x = torch.randn(33, d)
     final = []
     for use_norms in (False, True):
-        layer = HSAELayer(cfg, backend="cpp").train()
-        layer.load_state_dict(base.state_dict())
-        layer.row_grads = True
-        opt = MaskedAdamW(layer, lr=1e-2, weight_decay=0.1)
+        layer, opt = _row_gradient_twin(base)
         for step in range(3):
             row_norms.clear()
             opt.zero_grad(set_to_none=True)
-            out = layer(x)
-            loss = (out.x_hat - x).pow(2).sum()
-            if change == "auxk":
-                loss = loss + auxk_loss(layer, x, out.x_hat, torch.arange(cfg.dict_size) % 3 == 0, 2)
-            loss.backward()
+            _squared_error(layer, x, with_auxk=change == "auxk").backward()
             assert layer.W_enc.grad.layout == torch.sparse_coo
             if change == "values in place":
                 layer.W_dec.grad._values().mul_(3.0)
@@ -443,8 +454,6 @@ def test_encoder_step_in_forward_is_the_step_taken_in_update(sizes, k, d, select
     a binding clip, weight decay, a changing lr, and something else reading W_enc in between."""
     import copy
 
-    from hsae_fast.losses import auxk_loss
-
     cfg = HSAEConfig(d_model=d, level_sizes=sizes, k=k, selection=selection)
     torch.manual_seed(0)
     base = HSAELayer(cfg, backend="cpp").train()
@@ -453,21 +462,14 @@ def test_encoder_step_in_forward_is_the_step_taken_in_update(sizes, k, d, select
     xs = torch.randn(5, 19, d)
     final, snapshots = [], []
     for fused in (False, True):
-        layer = HSAELayer(cfg, backend="cpp").train()
-        layer.load_state_dict(base.state_dict())
-        layer.row_grads = True
-        opt = MaskedAdamW(layer, lr=1e-2, weight_decay=0.1)
+        layer, opt = _row_gradient_twin(base)
         snapshot = []
         with opt.encoder_step_in_forward() if fused else contextlib.nullcontext():
             for step, x in enumerate(xs):
                 for group in opt.param_groups:
                     group["lr"] = 1e-2 / (1 + step)
                 opt.zero_grad(set_to_none=True)
-                out = layer(x)
-                loss = (out.x_hat - x).pow(2).sum()
-                if event == "auxk":
-                    loss = loss + auxk_loss(layer, x, out.x_hat, torch.arange(cfg.dict_size) % 3 == 0, 2)
-                loss.backward()
+                _squared_error(layer, x, with_auxk=event == "auxk").backward()
                 opt.update(1e-3, True)  # 1e-3: the clip binds
                 if fused:  # the step is left pending, not taken
                     assert opt._pending_encoder_step is not None
