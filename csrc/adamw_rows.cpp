@@ -69,14 +69,16 @@ void sq_norm_rows(const float* g, const float* w, const int64_t* rows, int64_t d
   }
 }
 
-HSAE_VECTOR_CLONES void update_rows(float* p, const float* g, const int64_t* rows, int64_t num_rows, float* m,
-                                    float* v, int64_t d, const bool* keep, int64_t f0, int64_t f1,
+// row_grads: g holds the rows `rows` (num_rows of them, possibly none: then rows and g may be null,
+// so the flag, not the pointer, says which kind of gradient this is), else every row.
+HSAE_VECTOR_CLONES void update_rows(float* p, const float* g, bool row_grads, const int64_t* rows, int64_t num_rows,
+                                    float* m, float* v, int64_t d, const bool* keep, int64_t f0, int64_t f1,
                                     const AdamWScalars& s, bool project, bool unit_rows) {
   // r: the first gradient row at or after f0 (row gradients only)
-  int64_t r = rows ? std::lower_bound(rows, rows + num_rows, f0) - rows : 0;
+  int64_t r = row_grads && num_rows > 0 ? std::lower_bound(rows, rows + num_rows, f0) - rows : 0;
   for (int64_t f = f0; f < f1; ++f) {
-    const float* gf = g + f * d;
-    if (rows) {
+    const float* gf = row_grads ? nullptr : g + f * d;
+    if (row_grads) {
       const bool touched = r < num_rows && rows[r] == f;
       gf = touched ? g + r * d : nullptr;
       r += touched;
@@ -146,7 +148,7 @@ void adamw_rows(const AdamWRowsArgs& a) {
   float* v = a.exp_avg_sq.data_ptr<float>();
   const int64_t* rows = a.grad_rows.has_value() ? a.grad_rows->data_ptr<int64_t>() : nullptr;
   for_each_chunk(F, kRowsPerTask, [&](int64_t f0, int64_t f1) {
-    update_rows(p, g, rows, R, m, v, d, keep, f0, f1, s, a.project_parallel, a.unit_rows);
+    update_rows(p, g, a.grad_rows.has_value(), rows, R, m, v, d, keep, f0, f1, s, a.project_parallel, a.unit_rows);
   });
 }
 

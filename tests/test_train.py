@@ -126,6 +126,41 @@ def test_row_update_matches_the_torch_update(sizes, k, d, grad_clip, unit_decode
 
 
 @needs_cpp
+@pytest.mark.parametrize("in_forward", [False, True])
+@pytest.mark.parametrize("unit_decoder", [True, False])
+def test_row_update_of_a_step_where_no_feature_fires(in_forward, unit_decoder):
+    """A batch where no feature fires gives row gradients with no rows; every row then steps with
+    gradient zero (its moments still move it). The update once read such an empty gradient as a dense
+    one (its rows tensor had no data pointer) and stepped with whatever its buffer held."""
+    cfg = HSAEConfig(d_model=24, level_sizes=(40, 6, 2), k=(5, 2, 1), selection="batch")
+    torch.manual_seed(0)
+    base = HSAELayer(cfg, backend="cpp").train()
+    layers = [HSAELayer(cfg, backend="cpp").train() for _ in range(2)]
+    opts = []
+    for layer, row in zip(layers, (True, False)):
+        layer.load_state_dict(base.state_dict())
+        layer.row_grads = row
+        opts.append(MaskedAdamW(layer, lr=1e-2, weight_decay=0.1, row_update=row))
+    x = torch.randn(33, 24)
+    with opts[0].encoder_step_in_forward() if in_forward else contextlib.nullcontext():
+        for step in range(3):
+            if step == 1:  # from here on every score is below zero: nothing fires
+                for layer in layers:
+                    with torch.no_grad():
+                        layer.b_enc.fill_(-1e3)
+            for layer, opt in zip(layers, opts):
+                opt.zero_grad()
+                out = layer(x)
+                assert step == 0 or all(int((v != 0).sum()) == 0 for _, v in out.codes)
+                (out.x_hat - x).pow(2).sum().backward()
+                opt.update(1.0, unit_decoder, backward_norms=True)
+        opts[0].finish_encoder_step()
+        for name in ("W_enc", "W_dec"):
+            fused, torch_path = getattr(layers[0], name).detach(), getattr(layers[1], name).detach()
+            torch.testing.assert_close(fused, torch_path, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@needs_cpp
 def test_row_update_rejects_what_it_cannot_take():
     from hsae_fast.backends import cpp
     ext = cpp.row_update_module()
