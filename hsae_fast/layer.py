@@ -202,7 +202,7 @@ class HSAELayer(nn.Module):
             levels, self.W_dec, self.level_gain, self.b_dec, self.backend_for(self.W_dec.device), prefixes,
             row_grads=self.row_grads_now(),
         )
-        return out.reshape(*out.shape[:-2], *lead, out.shape[-1]) if prefixes else out.reshape(*lead, -1)
+        return out.reshape(*out.shape[:-2], *lead, out.shape[-1]) if prefixes else out.reshape(*lead, out.shape[-1])
 
     def forward(self, x: torch.Tensor, selection: Optional[str] = None, return_prefixes: bool = False) -> HSAEOutput:
         x2, scale = self.spec_input(self._check_input(x))
@@ -239,7 +239,9 @@ class HSAELayer(nn.Module):
 
     @staticmethod
     def _shape_codes(levels, lead_shape, dtype) -> list:
-        return [(c.idx.reshape(*lead_shape, -1), c.vals.to(dtype).reshape(*lead_shape, -1)) for c in levels]
+        # the width spelled out: with no tokens (lead_shape holds a 0) -1 would be ambiguous
+        return [(c.idx.reshape(*lead_shape, c.idx.shape[-1]), c.vals.to(dtype).reshape(*lead_shape, c.vals.shape[-1]))
+                for c in levels]
 
     @torch.no_grad()
     def prune(self, ids) -> torch.Tensor:

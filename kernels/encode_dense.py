@@ -270,5 +270,6 @@ def encode_dense(xc, W_enc, b_enc, path_mask, kmax: int,
             ACC=acc_dtype(xc.dtype), DOT=dot_operand_dtype(xc.dtype), PRECISION=dot_precision(xc.dtype),
             **blocks,
         )
-    return top_candidates(part_scores.view(N, -1), part_ids.view(N, -1),
-                          part_slots.view(N, -1) if has_parent else None, kmax)
+    width = n_chunks * kmax  # spelled out: with N = 0, view(N, -1) would be ambiguous
+    return top_candidates(part_scores.view(N, width), part_ids.view(N, width),
+                          part_slots.view(N, width) if has_parent else None, kmax)

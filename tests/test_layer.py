@@ -8,6 +8,8 @@ import hsae_fast
 from hsae_fast import HSAEConfig, HSAELayer
 from hsae_fast.io import CONFIG_NAME, WEIGHTS_NAME
 
+from helpers import usable_backends
+
 CFG = HSAEConfig(d_model=12, dict_size=84, k=(8, 4, 2))
 
 
@@ -39,6 +41,31 @@ def test_any_leading_shape_and_codes_layout():
     assert torch.allclose(layer.decode(out.codes), out.x_hat, atol=1e-5)
     enc = layer.encode(x)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(enc, layer.encode(x)))
+
+
+@pytest.mark.parametrize("backend", usable_backends())
+@pytest.mark.parametrize("selection", ["batch", "token"])
+@pytest.mark.parametrize("lead", [(0,), (3, 0)])
+def test_a_batch_of_no_tokens_gives_empty_outputs(backend, selection, lead):
+    """A batch with no tokens (the tail of a data loader, a filter that kept nothing) runs: empty
+    x_hat and codes of the usual widths, zero gradients, thresholds left alone, the same in eval."""
+    torch.manual_seed(0)
+    cfg = CFG.replace(selection=selection)
+    layer = HSAELayer(cfg, backend=backend).train()
+    x = torch.randn(*lead, 12)
+    for training in (True, False):
+        layer.train(training)
+        threshold = layer.threshold.clone()
+        out = layer(x)
+        assert out.x_hat.shape == x.shape
+        widths = [(*lead, cfg.kmax(l)) for l in range(cfg.num_levels)]
+        assert [tuple(i.shape) for i, _ in out.codes] == widths and [tuple(v.shape) for _, v in out.codes] == widths
+        assert torch.equal(layer.threshold, threshold)
+        layer.zero_grad()
+        (out.x_hat - x).pow(2).sum().backward()
+        for name, p in layer.named_parameters():
+            assert p.grad is None or not p.grad.to_dense().any(), name
+        assert layer.decode(out.codes).shape == x.shape
 
 
 def test_training_updates_threshold_and_eval_selects_by_it():
