@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from helpers import needs_cpp
+from helpers import CPP_OK, needs_cpp
 from hsae_fast import HSAEConfig, HSAELayer
 from hsae_fast.data.synthetic import SyntheticHierarchy
 from hsae_fast.train.config import TrainConfig, flat_baseline_config
@@ -158,6 +158,45 @@ def test_row_update_of_a_step_where_no_feature_fires(in_forward, unit_decoder):
         for name in ("W_enc", "W_dec"):
             fused, torch_path = getattr(layers[0], name).detach(), getattr(layers[1], name).detach()
             torch.testing.assert_close(fused, torch_path, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+@pytest.mark.parametrize("in_forward", [False, True])
+def test_a_copied_optimizer_steps_its_copied_layer_as_the_original(how, in_forward):
+    """A copy of MaskedAdamW (deepcopy, pickle, torch.save) carries its layer along and steps it as
+    the original steps its own, bit for bit (a copy once lost its layer: every method raised)."""
+    import copy
+    import io
+
+    backend = "cpp" if CPP_OK else "torch"
+    torch.manual_seed(0)
+    layer = HSAELayer(HSAEConfig(d_model=16, level_sizes=(64, 16, 4), k=(8, 4, 2)), backend=backend).train()
+    opt = MaskedAdamW(layer, lr=1e-2, weight_decay=0.1)
+    layer.row_grads = opt.takes_row_grads()
+    x = torch.randn(32, 16)
+
+    def step(o):
+        o.zero_grad()
+        (o.layer(x).x_hat - x).pow(2).sum().backward()
+        o.update(1.0, True, backward_norms=True)
+
+    with opt.encoder_step_in_forward() if in_forward else contextlib.nullcontext():
+        step(opt)
+        if how == "deepcopy":
+            twin = copy.deepcopy(opt)
+        else:
+            buffer = io.BytesIO()
+            torch.save(opt, buffer)
+            buffer.seek(0)
+            twin = torch.load(buffer, weights_only=False)
+        assert twin.layer is not layer and twin.param_groups[0]["params"][0] is twin.layer.W_dec
+        step(opt)
+        step(opt)
+    for _ in range(2):
+        step(twin)
+    for p, q in zip(layer.parameters(), twin.layer.parameters()):
+        assert torch.equal(p, q)
+    assert twin.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
 
 
 @needs_cpp

@@ -37,16 +37,22 @@ class MaskedAdamW(torch.optim.AdamW):
         # every run and a resumed run is bit-identical. The CPU default, a loop of separate ops per
         # tensor, took 2 s of a 2.5 s step at F=65536 (bench/README.md).
         super().__init__(groups, lr=lr, betas=betas, fused=True)
-        self._feature_params = [p for n, p in named if n in FEATURE_PARAMS]
-        self._matrices = {id(p) for n, p in named if n in DECAYED_PARAMS}  # what `update` may take by rows
-        self._fused_encoder = False  # inside `encoder_step_in_forward` with the cpp backend
-        self._pending_encoder_step: Optional[dict] = None  # W_enc's step not yet taken by every row
+        self._index_layer()
         # On CPU, every step passes over these matrices and their moments whole: on 2 MiB pages that
         # is a page walk per 2 MiB, not per 4 KiB (host.py). Same values, same Parameter objects.
         with torch.no_grad():
             for n, p in named:
                 if n in DECAYED_PARAMS and p.is_contiguous():
                     p.data = host.to_huge_pages(p.data)
+
+    def _index_layer(self) -> None:
+        """What this optimizer derives from its layer (rebuilt after a copy, whose parameters are new
+        objects), and no step pending."""
+        named = [(n, p) for n, p in self.layer.named_parameters() if p.requires_grad]
+        self._feature_params = [p for n, p in named if n in FEATURE_PARAMS]
+        self._matrices = {id(p) for n, p in named if n in DECAYED_PARAMS}  # what `update` may take by rows
+        self._fused_encoder = False  # inside `encoder_step_in_forward` with the cpp backend
+        self._pending_encoder_step: Optional[dict] = None  # W_enc's step not yet taken by every row
 
     @contextlib.contextmanager
     def encoder_step_in_forward(self):
@@ -89,8 +95,14 @@ class MaskedAdamW(torch.optim.AdamW):
         return super().state_dict()
 
     def __getstate__(self):
+        # torch's Optimizer pickles its defaults, state and groups only: the layer and the row-update
+        # switch go along, so a copy (deepcopy, pickle, torch.save of the optimizer) still works.
         self.finish_encoder_step()
-        return super().__getstate__()
+        return {**super().__getstate__(), "layer": self.layer, "row_update": self.row_update}
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self._index_layer()
 
     def load_state_dict(self, state_dict) -> None:
         self.finish_encoder_step()
