@@ -208,6 +208,14 @@ class HSAEConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     def replace(self, **changes) -> "HSAEConfig":
+        """A copy with `changes`. The sizes follow what changed: new `level_ratios` or `dict_size`
+        (without `level_sizes`) derive the sizes again from the ratios and dict_size; new `level_sizes`
+        (without `dict_size`) give their sum as dict_size. Fields that depend on F (`parent`, `k_aux`)
+        are checked again, not adapted."""
+        if "level_sizes" in changes:
+            changes.setdefault("dict_size", None)
+        elif "level_ratios" in changes or "dict_size" in changes:
+            changes["level_sizes"] = None
         return dataclasses.replace(self, **changes)
 
 

@@ -24,6 +24,18 @@ def test_defaults_and_derived_values():
     assert flat.num_levels == 1 and flat.k == (7,) and flat.dict_size == 50
 
 
+def test_replace_derives_the_sizes_again_from_what_changed():
+    """New ratios or dict_size give new sizes (they were once ignored, or rejected against the old
+    sizes); new sizes give their sum; other changes keep the sizes."""
+    cfg = HSAEConfig(d_model=16, dict_size=84, k=(8, 4, 2))
+    assert cfg.replace(level_ratios=(8, 4, 1)).level_sizes == sizes_from_ratios(84, (8, 4, 1))
+    assert cfg.replace(dict_size=168).level_sizes == (128, 32, 8)
+    assert cfg.replace(level_sizes=(50, 10, 4)).dict_size == 64
+    assert cfg.replace(selection="token").level_sizes == (64, 16, 4)
+    with pytest.raises(ValueError, match="dict_size"):
+        cfg.replace(level_sizes=(50, 10, 4), dict_size=84)
+
+
 def test_round_trip_through_dict():
     cfg = HSAEConfig(d_model=16, dict_size=84, k=(8, 4, 2), gating="none", selection="token")
     again = HSAEConfig.from_dict(cfg.to_dict())
