@@ -102,7 +102,8 @@ class MaskedAdamW(torch.optim.AdamW):
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
-        self._index_layer()
+        if "layer" in state:  # a copy; torch's load_state_dict calls this too, with the state and groups only
+            self._index_layer()
 
     def load_state_dict(self, state_dict) -> None:
         self.finish_encoder_step()
