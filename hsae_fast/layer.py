@@ -37,6 +37,11 @@ def _all_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The precision codes are computed in: float64 for float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _capturing(x: torch.Tensor) -> bool:
     """Whether a CUDA graph is being captured on x's device (no host syncs allowed then)."""
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -86,9 +91,20 @@ class HSAELayer(nn.Module):
         self.register_state_dict_pre_hook(_current_rows_before_saving)
 
     # ------------------------------------------------------------------ helpers
+    def _apply(self, fn, recurse=True):
+        # .half(), .bfloat16(), .double() and .to(dtype) cast every floating buffer; the thresholds are
+        # running averages of scores and stay float32 (as a layer built with that dtype keeps them, and
+        # as checkpoints store them), only moving to the weights' device.
+        threshold = self._buffers["threshold"]
+        out = super()._apply(fn, recurse)
+        self._buffers["threshold"] = threshold.to(device=self._buffers["threshold"].device)
+        return out
+
     def tree_plan(self) -> TreePlan:
         """Child lists for routed encodes; rebuilt when the tree, the mask or the device changes."""
-        key = (self.parent.device, self.parent.data_ptr(), self.path_mask.data_ptr(), self._mask_version)
+        # _version: an in-place edit of either buffer (layer.path_mask[ids] = False) is seen too
+        key = (self.parent.device, self.parent.data_ptr(), self.path_mask.data_ptr(), self._mask_version,
+               self.parent._version, self.path_mask._version)
         if self._plan is None or self._plan[0] != key:
             self._plan = (key, TreePlan.build(self.cfg, self.parent, self.path_mask))
         return self._plan[1]
@@ -147,7 +163,7 @@ class HSAELayer(nn.Module):
         finite value, so a tiny float16 row cannot overflow it."""
         if self.cfg.input_norm == "none":
             return None
-        acc = torch.float64 if x2.dtype == torch.float64 else torch.float32
+        acc = _acc(x2.dtype)
         norms = x2.to(acc).norm(dim=1, keepdim=True)
         scale = torch.where(norms > 0, self.cfg.d_model ** 0.5 / norms.clamp_min(torch.finfo(acc).tiny), 1.0)
         return scale.clamp_max(torch.finfo(x2.dtype).max).to(x2.dtype)
@@ -193,9 +209,11 @@ class HSAELayer(nn.Module):
     def decode(self, codes: list, prefixes: bool = False) -> torch.Tensor:
         """x_hat from codes (as `encode` returns them): (..., d). Under input_norm="token" this is the
         reconstruction of the scaled input, x * input_scale(x); `forward` scales it back."""
+        codes = self._check_codes(codes)
         lead = codes[0][0].shape[:-1]
         levels = [
-            functional.LevelCodes(i.reshape(-1, i.shape[-1]), v.reshape(-1, v.shape[-1]).float(), v)
+            # values in the encode's precision: float32 for 16-bit codes, float64 kept float64
+            functional.LevelCodes(i.reshape(-1, i.shape[-1]), v.reshape(-1, v.shape[-1]).to(_acc(v.dtype)), v)
             for i, v in codes
         ]
         out = functional.decode(
@@ -203,6 +221,41 @@ class HSAELayer(nn.Module):
             row_grads=self.row_grads_now(),
         )
         return out.reshape(*out.shape[:-2], *lead, out.shape[-1]) if prefixes else out.reshape(*lead, out.shape[-1])
+
+    def _check_codes(self, codes) -> list:
+        """Codes given to `decode`, checked (a wrong id or width would read outside W_dec in a kernel),
+        with integer ids as int64."""
+        L, F = self.cfg.num_levels, self.cfg.dict_size
+        if not isinstance(codes, (list, tuple)) or len(codes) != L:
+            got = f"{len(codes)} levels" if isinstance(codes, (list, tuple)) else type(codes).__name__
+            raise ValueError(f"decode takes one (indices, values) pair per level ({L}, bottom first); got {got}")
+        checked, lead = [], None
+        for l, pair in enumerate(codes):
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2
+                    and all(isinstance(t, torch.Tensor) for t in pair)):
+                raise TypeError(f"codes[{l}] must be an (indices, values) pair of tensors")
+            i, v = pair
+            if i.is_floating_point() or i.is_complex() or i.dtype == torch.bool:
+                raise TypeError(f"codes[{l}] indices have dtype {i.dtype}; expected integer feature ids")
+            if not v.is_floating_point():
+                raise TypeError(f"codes[{l}] values have dtype {v.dtype}; expected a floating dtype")
+            if i.shape != v.shape or i.dim() < 1:
+                raise ValueError(f"codes[{l}] indices {tuple(i.shape)} and values {tuple(v.shape)} must have one "
+                                 f"shape (..., width)")
+            if lead is not None and i.shape[:-1] != lead:
+                raise ValueError(f"codes[{l}] has leading shape {tuple(i.shape[:-1])}; codes[0] has {tuple(lead)}")
+            if i.device != self.W_dec.device or v.device != self.W_dec.device:
+                raise ValueError(f"codes[{l}] are on {i.device} / {v.device} but the weights are on {self.W_dec.device}")
+            lead = i.shape[:-1]
+            i = i.long()
+            if torch.compiler.is_compiling() or _capturing(i):
+                torch._assert_async(((i >= 0) & (i < F)).all(), "decode: a feature id is outside [0, dict_size)")
+            elif i.numel():
+                lo, hi = (int(t) for t in torch.aminmax(i))
+                if lo < 0 or hi >= F:
+                    raise ValueError(f"codes[{l}] holds feature id {lo if lo < 0 else hi}, outside [0, {F})")
+            checked.append((i, v))
+        return checked
 
     def forward(self, x: torch.Tensor, selection: Optional[str] = None, return_prefixes: bool = False) -> HSAEOutput:
         x2, scale = self.spec_input(self._check_input(x))
@@ -245,8 +298,17 @@ class HSAELayer(nn.Module):
 
     @torch.no_grad()
     def prune(self, ids) -> torch.Tensor:
-        """Prune features `ids` (global) and their whole subtrees (SPEC 2); returns the new path_mask."""
-        ids = torch.as_tensor(ids, dtype=torch.int64, device=self.parent.device).reshape(-1)
+        """Prune features `ids` (global ids, or a bool mask over all F features) and their whole
+        subtrees (SPEC 2); returns the new path_mask."""
+        ids = torch.as_tensor(ids, device=self.parent.device)
+        if ids.dtype == torch.bool:  # a mask, not the ids 0 and 1
+            if ids.shape != (self.cfg.dict_size,):
+                raise ValueError(f"a bool prune mask needs shape ({self.cfg.dict_size},) (one entry per feature); "
+                                 f"got {tuple(ids.shape)}")
+            ids = ids.nonzero().reshape(-1)
+        elif ids.is_floating_point() or ids.is_complex():
+            raise TypeError(f"prune ids must be integer feature ids or a bool mask; got dtype {ids.dtype}")
+        ids = ids.to(torch.int64).reshape(-1)
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.cfg.dict_size):
             raise ValueError(f"prune ids must be in [0, {self.cfg.dict_size}); got min {int(ids.min())}, max {int(ids.max())}")
         self.path_mask &= ~subtree_mask(self.parent, ids)

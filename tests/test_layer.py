@@ -101,6 +101,99 @@ def test_bad_input_is_named(make_input, error, fragment):
         layer(make_input())
 
 
+def _bad_codes(layer, how):
+    codes = [(i.clone(), v.clone()) for i, v in layer.encode(torch.randn(5, 12))]
+    i, v = codes[0]
+    if how == "id too large":
+        i[0, 0], v[0, 0] = CFG.dict_size, 1.0
+    elif how == "negative id":
+        i[0, 0], v[0, 0] = -1, 1.0
+    elif how == "narrower values":
+        codes[0] = (i, v[:, :1].contiguous())
+    elif how == "level left out":
+        codes = codes[:-1]
+    elif how == "float ids":
+        codes[0] = (i.float(), v)
+    elif how == "leading shapes differ":
+        codes[1] = (codes[1][0][:2], codes[1][1][:2])
+    return codes
+
+
+@pytest.mark.parametrize("backend", usable_backends())
+@pytest.mark.parametrize("how, error, fragment", [
+    ("id too large", ValueError, "outside \\[0, 84\\)"),
+    ("negative id", ValueError, "feature id -1"),
+    ("narrower values", ValueError, "must have one shape"),
+    ("level left out", ValueError, "one \\(indices, values\\) pair per level \\(3"),
+    ("float ids", TypeError, "integer feature ids"),
+    ("leading shapes differ", ValueError, "leading shape"),
+])
+def test_decode_names_bad_codes(backend, how, error, fragment):
+    """Codes given to decode are checked before any kernel reads W_dec by them (an id out of range
+    read outside W_dec in the triton and cpp kernels; narrower values returned non-finite output)."""
+    layer = HSAELayer(CFG, backend=backend)
+    with pytest.raises(error, match=fragment):
+        layer.decode(_bad_codes(layer, how))
+
+
+@pytest.mark.parametrize("backend", usable_backends())
+def test_decode_takes_int32_ids(backend):
+    torch.manual_seed(0)
+    layer = HSAELayer(CFG, backend=backend)
+    out = layer(torch.randn(5, 12))
+    narrow = [(i.int(), v) for i, v in out.codes]
+    torch.testing.assert_close(layer.decode(narrow), out.x_hat, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", usable_backends())
+def test_float64_decode_of_the_codes_is_the_forward(backend):
+    """decode keeps float64 code values float64 (it once rounded them to float32: 8e-8 off)."""
+    torch.manual_seed(0)
+    layer = HSAELayer(CFG, backend=backend, dtype=torch.float64).eval()
+    x = torch.randn(10, 12, dtype=torch.float64)
+    with torch.no_grad():
+        out = layer(x)
+        assert torch.equal(layer.decode(out.codes), out.x_hat)
+
+
+@pytest.mark.parametrize("convert", ["half", "bfloat16", "double", "to"])
+def test_dtype_conversion_keeps_float32_thresholds_and_loads_back(convert, tmp_path):
+    layer = HSAELayer(CFG, backend="torch").train()
+    layer(torch.randn(64, 12))
+    thresholds = layer.threshold.clone()
+    layer = layer.to(torch.float16) if convert == "to" else getattr(layer, convert)()
+    assert layer.threshold.dtype == torch.float32 and torch.equal(layer.threshold, thresholds)
+    layer.save_pretrained(tmp_path)
+    loaded = HSAELayer.from_pretrained(tmp_path)
+    assert loaded.W_enc.dtype == layer.W_enc.dtype and torch.equal(loaded.threshold, thresholds)
+
+
+@pytest.mark.parametrize("backend", usable_backends())
+def test_editing_path_mask_in_place_prunes_in_the_next_forward(backend):
+    """The routed levels' child lists are cached; an in-place edit of path_mask rebuilds them (it
+    was once ignored: masked bottom features still fired)."""
+    cfg = CFG.replace(selection="token")
+    torch.manual_seed(0)
+    layer = HSAELayer(cfg, backend=backend)
+    x = torch.randn(50, 12)
+    assert (layer(x).codes[0][1] != 0).any()
+    with torch.no_grad():
+        layer.path_mask[: cfg.level_sizes[0]] = False
+    assert not (layer(x).codes[0][1] != 0).any()
+
+
+def test_prune_takes_a_bool_mask_and_rejects_float_ids():
+    layer = HSAELayer(CFG, backend="torch")
+    mask = torch.zeros(CFG.dict_size, dtype=torch.bool)
+    mask[[10, 20]] = True
+    layer.prune(mask)
+    assert (~layer.path_mask).nonzero().flatten().tolist() == [10, 20]
+    with pytest.raises(ValueError, match="one entry per feature"):
+        layer.prune(torch.zeros(5, dtype=torch.bool))
+    with pytest.raises(TypeError, match="integer feature ids or a bool mask"):
+        layer.prune([2.9])
+
+
 def test_finite_check_can_be_turned_off():
     layer = HSAELayer(CFG.replace(check_finite=False), backend="torch")
     layer(torch.randn(3, 12))
