@@ -405,6 +405,49 @@ def test_nan_loss_stops_with_step_batch_and_checkpoint(tmp_path):
     saved = json.loads((tmp_path / "checkpoints" / "latest.json").read_text())
     assert saved["step"] == 3
     assert (tmp_path / "checkpoints" / "nan_batch_step_000000003.safetensors").is_file()
+    # the checkpoint is the state before the step: the thresholds the exploding batch moved are not in it
+    clean = Trainer(tiny_cfg(), tiny_train(), SyntheticHierarchy(**TINY_DATA), tmp_path / "clean")
+    batches = clean._batches()
+    for _ in range(3):
+        clean.train_step(next(batches))
+    resumed = Trainer(tiny_cfg(), tiny_train(), SyntheticHierarchy(**TINY_DATA), tmp_path, resume=True)
+    assert torch.equal(resumed.layer.threshold, clean.layer.threshold)
+
+
+def test_a_new_run_in_an_old_run_folder_replaces_its_checkpoints_and_log(tmp_path):
+    """Without resume, a run in a folder holding a longer earlier run removes that run's checkpoints
+    and log: its later steps once outlived the new run's checkpoints (pruned as older), and latest.json
+    named a deleted file."""
+    Trainer(tiny_cfg(), tiny_train(tokens=64 * 12, checkpoint_every=4, log_every=4), SyntheticHierarchy(**TINY_DATA),
+            tmp_path).fit()
+    Trainer(tiny_cfg(), tiny_train(tokens=64 * 6, checkpoint_every=2, log_every=2, keep_checkpoints=2),
+            SyntheticHierarchy(**TINY_DATA), tmp_path).fit()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*.json")) == [
+        "step_000000004.json", "step_000000006.json"]
+    assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["step"] == 6
+    assert [r["step"] for r in _log(tmp_path)] == [2, 4, 6]
+    assert Trainer(tiny_cfg(), tiny_train(tokens=64 * 6), SyntheticHierarchy(**TINY_DATA), tmp_path,
+                   resume=True).step == 6
+
+
+def test_resume_cuts_the_log_back_to_the_checkpoint_and_logs_the_lr_each_step_used(tmp_path):
+    options = dict(tokens=64 * 8, checkpoint_every=4, log_every=1, warmup_frac=0.5)
+    first = Trainer(tiny_cfg(), tiny_train(**options), SyntheticHierarchy(**TINY_DATA), tmp_path)
+    first.fit()
+    straight = _log(tmp_path)
+    factors = [lr_factor(s, 8, 0.5, first.tcfg.decay_start) * first.tcfg.lr for s in range(8)]
+    assert [r["lr"] for r in straight] == pytest.approx(factors)  # the step's lr, not the next one's
+    # interrupted after step 6, resumed from the checkpoint at step 4: steps 5 and 6 are logged once
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "metrics.jsonl").write_text("".join(lines[:6]))
+    ckpt_dir = tmp_path / "checkpoints"
+    for name in ("step_000000008.json", "step_000000008.safetensors"):
+        (ckpt_dir / name).unlink()
+    (ckpt_dir / "latest.json").write_text(json.dumps({"step": 4, "meta": "step_000000004.json"}))
+    Trainer(tiny_cfg(), tiny_train(**options), SyntheticHierarchy(**TINY_DATA), tmp_path, resume=True).fit()
+    resumed = _log(tmp_path)
+    assert [r["step"] for r in resumed] == list(range(1, 9))
+    assert [r["lr"] for r in resumed] == pytest.approx(factors)
 
 
 def test_prefix_coef_scales_the_prefix_weight_and_zero_turns_it_off(tmp_path):

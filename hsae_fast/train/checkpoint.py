@@ -47,10 +47,35 @@ def save_checkpoint(directory, step: int, tensors: dict, optimizer_state: dict, 
     meta["tensors_sha256"] = atomic_save_tensors(tensors, directory / name)
     atomic_write_bytes(directory / f"step_{step:09d}.json", json.dumps(meta, indent=1).encode())
     atomic_write_bytes(directory / LATEST, json.dumps({"step": step, "meta": f"step_{step:09d}.json"}).encode())
-    for old in sorted(directory.glob("step_*.json"))[:-keep]:
+    # the newest `keep` up to this one (a later step's files are not this run's to prune against)
+    for old in [p for p in sorted(directory.glob("step_*.json")) if p.name <= f"step_{step:09d}.json"][:-keep]:
         old.unlink(missing_ok=True)
         old.with_suffix(".safetensors").unlink(missing_ok=True)
     return directory / name
+
+
+def clear_checkpoints(directory) -> list:
+    """Remove a previous run's checkpoints from `directory` (a fresh run starting there); returns
+    the names removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for pattern in ("step_*.json", "step_*.safetensors", "nan_batch_step_*.safetensors", LATEST, ".*.tmp"):
+        for path in directory.glob(pattern):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return sorted(removed)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable checkpoint file ({exc})") from None
+    if not isinstance(data, dict) or (path.name == LATEST and not isinstance(data.get("meta"), str)):
+        raise ValueError(f"{path}: not a checkpoint file of this library")
+    return data
 
 
 def load_checkpoint(directory) -> tuple[dict, dict, dict]:
@@ -59,8 +84,8 @@ def load_checkpoint(directory) -> tuple[dict, dict, dict]:
     latest = directory / LATEST
     if not latest.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint in {directory} ({LATEST} is missing)")
-    meta_path = directory / json.loads(latest.read_text())["meta"]
-    meta = json.loads(meta_path.read_text())
+    meta_path = directory / _read_json(latest)["meta"]
+    meta = _read_json(meta_path)
     tensors_path = directory / meta["tensors_file"]
     if not tensors_path.is_file() or sha256_file(tensors_path) != meta["tensors_sha256"]:
         raise ValueError(f"{tensors_path} is missing or does not match {meta_path}: corrupt checkpoint")

@@ -78,7 +78,10 @@ class Distributed:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"TrainConfig.device={name!r}: CUDA is not available here (device='auto' or 'cpu')")
+    return device
 
 
 class Trainer:
@@ -114,9 +117,13 @@ class Trainer:
         if self.dist.world > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.layer, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self._lr_used = self.scheduler.get_last_lr()[0]  # the learning rate of the last step taken
+        self._threshold_before_step = None
         if resume:
             self._restore()
         else:
+            if self.dist.main:
+                self._start_fresh()
             sample = source.sample(tcfg.b_dec_init_tokens, tcfg.seed)
             init_b_dec(self.layer, sample.to(self.device), tcfg.b_dec_init)
 
@@ -150,6 +157,8 @@ class Trainer:
         x = self._local_slice(batch).to(device=self.device, dtype=layer.W_dec.dtype)
         weights = self.loss_weights(progress)
         dead = self.dead.dead(layer.path_mask) if weights.aux > 0 else None
+        # the forward moves the thresholds (SPEC 4): kept, so a diverged step's checkpoint is the state before it
+        self._threshold_before_step = layer.threshold.clone()
         out = self.model(x, return_prefixes=weights.prefix > 0)
         loss, parts = total_loss(layer, x, out, weights, dead, self.dist.sum if self.dist.world > 1 else None)
         loss_value = float(self.dist.sum(loss.detach()))
@@ -162,6 +171,7 @@ class Trainer:
         # nothing between backward and update changes a gradient: the clip norm may take the row norms
         # the backward computed (one process; DDP's all-reduce rewrites the gradients)
         self.optimizer.update(tcfg.grad_clip, tcfg.renorm_decoder, backward_norms=self.dist.world == 1)
+        self._lr_used = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self._track(out.levels, batch.shape[0])
         self.step += 1
@@ -199,6 +209,8 @@ class Trainer:
         return unused
 
     def _diverged(self, batch: torch.Tensor, parts: dict) -> None:
+        with torch.no_grad():
+            self.layer.threshold.copy_(self._threshold_before_step)
         path = self.save_checkpoint()
         batch_path = self.out_dir / "checkpoints" / f"nan_batch_step_{self.step:09d}.safetensors"
         if self.dist.main:
@@ -211,6 +223,31 @@ class Trainer:
         )
 
     # -------------------------------------------------------------- checkpoints
+    def _start_fresh(self) -> None:
+        """A new run in a folder that holds an earlier one (no --resume): its checkpoints and log go, or
+        the earlier run's later steps would outlive this run's checkpoints and its records mix into the log."""
+        removed = ckpt.clear_checkpoints(self.out_dir / "checkpoints")
+        log = self.out_dir / "metrics.jsonl"
+        if log.is_file():
+            log.unlink()
+            removed.append(log.name)
+        if removed:
+            print(f"{self.out_dir}: starting a new run; removed the previous run's checkpoints and log "
+                  f"({len(removed)} files; --resume continues a run instead)")
+
+    def _cut_log(self) -> None:
+        """Resuming at step s: the log's records after s (written before the interruption, after the
+        checkpoint) are dropped, since this run writes them again."""
+        log = self.out_dir / "metrics.jsonl"
+        if not self.dist.main or not log.is_file():
+            return
+        lines = log.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        if len(kept) != len(lines):
+            from ..io import atomic_write_bytes
+
+            atomic_write_bytes(log, "".join(kept).encode())
+
     def _state_tensors(self) -> dict:
         tensors = {f"model.{k}": v for k, v in self.layer.state_dict().items()}
         tensors["dead.tokens_since_fired"] = self.dead.tokens_since_fired
@@ -231,6 +268,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "k": list(self.layer.cfg.k),
             "elapsed_s": self.elapsed,
+            "lr_used": self._lr_used,
             "windows_tokens": {n: getattr(self, n).tokens for n in ("log_window", "prune_window", "adapt_window")},
         }
         path = ckpt.save_checkpoint(directory, self.step, self._state_tensors(), self.optimizer.state_dict(), meta,
@@ -253,6 +291,8 @@ class Trainer:
             counter.tokens = meta["windows_tokens"][name]
         torch.set_rng_state(tensors["rng.cpu"])
         self.step, self.elapsed = meta["step"], meta["elapsed_s"]
+        self._lr_used = meta.get("lr_used", self._lr_used)
+        self._cut_log()
 
     # --------------------------------------------------------------------- loop
     def _batches(self):
@@ -277,7 +317,7 @@ class Trainer:
             "fvu": parts["fvu"],
             "l0": [float(a) / n for a in active],
             "dead_frac": dead_frac,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": self._lr_used,  # the step's (the scheduler has moved on to the next one's)
             "elapsed_s": round(self.elapsed, 3),
             "tokens_per_s": round(tokens_per_s, 1),
             "k": list(cfg.k),
