@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 SUBCOMMANDS = {
@@ -42,7 +43,15 @@ def main(argv=None) -> int:
     if args.command not in modules:
         parser.error(f"'{args.command}' is not available in this version")
     args.extra = extra
-    return int(modules[args.command].run(args) or 0)
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except (ValueError, TypeError, OSError) as exc:
+        # what the subcommands raise for a bad argument, value or path: one line, not a traceback
+        # (HSAE_TRACEBACK=1 shows it)
+        if os.environ.get("HSAE_TRACEBACK") == "1":
+            raise
+        print(f"hsae {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -20,6 +20,16 @@ def _config_error(field_name: str, value, rule: str) -> ValueError:
     return ValueError(f"HSAEConfig.{field_name}={value!r}: {rule}")
 
 
+def _as_tuple(field: str, value, what: str) -> tuple:
+    """A list-like field as a tuple; anything else (an int, None) an error naming the field."""
+    if isinstance(value, (str, bytes)):
+        raise _config_error(field, value, f"must be {what}")
+    try:
+        return tuple(value)
+    except TypeError:
+        raise _config_error(field, value, f"must be {what}") from None
+
+
 def sizes_from_ratios(dict_size: int, ratios: Sequence[float]) -> tuple[int, ...]:
     """SPEC 1: F_l = floor(F * r_l / sum(r) + 1e-9) for every level but the top, which takes the rest."""
     total = float(sum(ratios))
@@ -90,11 +100,11 @@ class HSAEConfig:
 
     # -------------------------------------------------------------- validation
     def validate(self) -> None:
-        self.level_ratios = tuple(self.level_ratios)
+        self.level_ratios = _as_tuple("level_ratios", self.level_ratios, "a non-empty list of positive numbers")
         if not isinstance(self.d_model, int) or isinstance(self.d_model, bool) or self.d_model < 1:
             raise _config_error("d_model", self.d_model, "must be a positive int")
         if self.level_sizes is not None:
-            sizes = tuple(self.level_sizes)
+            sizes = _as_tuple("level_sizes", self.level_sizes, "a non-empty list of positive ints")
             if not sizes or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in sizes):
                 raise _config_error("level_sizes", self.level_sizes, "must be a non-empty list of positive ints")
             if self.dict_size is not None and self.dict_size != sum(sizes):
@@ -122,7 +132,8 @@ class HSAEConfig:
         self.level_sizes = sizes
         L = len(sizes)
 
-        k = (self.k,) if isinstance(self.k, int) and not isinstance(self.k, bool) else tuple(self.k)
+        k = (self.k,) if isinstance(self.k, int) and not isinstance(self.k, bool) else _as_tuple(
+            "k", self.k, "an int or a list of ints, one per level")
         if len(k) != L or any(not isinstance(x, int) or isinstance(x, bool) for x in k):
             raise _config_error("k", self.k, f"must be {L} ints, one per level (bottom first)")
         self.k = k

@@ -31,6 +31,12 @@ def _atomic_replace(path: Path):
     os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp makes the file 0600 (and safetensors writes it so too) and the rename keeps that:
+        # give it the mode a plain open() would (0666 less the umask), so a shared run folder's models
+        # stay readable to the group
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -135,3 +135,57 @@ def test_a_diverged_run_exits_with_the_reason(tmp_path, capsys):
                  "--b-dec-init", "zero"])
     assert code == 3
     assert "loss is not finite at step 0" in capsys.readouterr().err
+
+
+def test_yaml_reads_exponent_floats(tmp_path):
+    """`lr: 1e-3` is a float (PyYAML's YAML 1.1 reads it as a string, which TrainConfig then refused)."""
+    (tmp_path / "a.yaml").write_text("lr: 1e-3\nwarmup_frac: 5E-2\n")
+    assert load_config_file(tmp_path / "a.yaml") == {"lr": 1e-3, "warmup_frac": 0.05}
+    from hsae_fast.train.config import yaml_load
+
+    assert yaml_load("lr: 1e-3\nb: -2.5e+1\nc: 7\nd: 1e3x\n") == {"lr": 1e-3, "b": -25.0, "c": 7, "d": "1e3x"}
+    (tmp_path / "bad.yaml").write_text("lr: [1,\n")
+    with pytest.raises(ValueError, match="bad.yaml: not valid YAML"):
+        load_config_file(tmp_path / "bad.yaml")
+
+
+def test_run_files_follow_the_umask_and_paths_are_resolved(tmp_path, monkeypatch):
+    """Files written atomically get 0666 less the umask (mkstemp's 0600 once made a shared run folder's
+    models unreadable to the group); the data path is stored absolute and resume accepts it named
+    another way, and a change of progress or threads."""
+    import os
+    import stat
+
+    data = np.random.default_rng(0).normal(size=(512, 12)).astype(np.float32)
+    np.save(tmp_path / "acts.npy", data)
+    monkeypatch.chdir(tmp_path)
+    old = os.umask(0o022)
+    try:
+        args = ["train", "--data", "acts.npy", "--out", "run", "--level-sizes", "12,6,3", "--k", "3,2,1", "--tokens",
+                "256", "--batch-size", "64", "--progress", "false", "--backend", "torch", "--eval-tokens", "128"]
+        assert main(args) == 0
+    finally:
+        os.umask(old)
+    for name in ("config.json", "final_metrics.json", "final/model.safetensors", "checkpoints/latest.json"):
+        assert stat.S_IMODE((tmp_path / "run" / name).stat().st_mode) == 0o644, name
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["trainer"]["data"] == str(tmp_path / "acts.npy")
+    resume = [a if a != "acts.npy" else "./acts.npy" for a in args] + ["--resume", "--threads", "1", "--progress", "true"]
+    assert main(resume) == 0
+
+
+@pytest.mark.parametrize("command", ["eval", "analyze", "plot"])
+def test_a_missing_run_folder_is_a_one_line_error(command, tmp_path, capsys):
+    assert main([command, str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hsae {command}: error:") and "Traceback" not in err
+
+
+def test_train_refuses_an_unusable_device_or_out_path_before_any_work(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["train", "--out", str(tmp_path / "file"), *TINY]) == 2
+    assert "hsae train: error:" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["train", "--out", str(tmp_path / "run"), *TINY, "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()

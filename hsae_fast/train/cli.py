@@ -47,7 +47,7 @@ def run(args) -> int:
         from .run import run as run_training
 
         run_training(model_fields, train_fields, args.out, resume=args.resume)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, OSError) as exc:
         print(f"hsae train: error: {exc}", file=sys.stderr)
         return 2
     except TrainingDiverged as exc:

@@ -275,21 +275,43 @@ def _is_number(text: str) -> bool:
         return False
 
 
+def yaml_load(text: str):
+    """yaml.safe_load, but reading 1e-3 as a float as YAML 1.2 and JSON do (PyYAML follows YAML 1.1,
+    where a float needs a dot: `lr: 1e-3` came back as the string '1e-3'). Its errors as ValueError."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+        list("-+0123456789."))
+    try:
+        return yaml.load(text, Loader=Loader)
+    except yaml.YAMLError as e:
+        raise ValueError(str(e)) from None
+
+
 def load_config_file(path) -> dict:
     """A .json or .yaml file: flat {field: value} or sectioned {"hsae": {...}, "trainer": {...}}
     (a run's config.json is a valid config file)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--config {path}: no such file")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text) or {}
-    elif path.suffix == ".json":
-        data = json.loads(text)
-    else:
+    if path.suffix not in (".yaml", ".yml", ".json"):
         raise ValueError(f"--config {path}: expected a .json, .yaml or .yml file")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml_load(text) or {}
+    except ValueError as e:  # json's errors are ValueErrors; yaml_load raises its own as one
+        raise ValueError(f"--config {path}: not valid {path.suffix[1:].upper()}: {e}") from None
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: expected a mapping of fields, got {type(data).__name__}")
     flat = {}

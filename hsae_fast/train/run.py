@@ -2,6 +2,7 @@
 train the matched flat SAE into RUN_DIR/flat and print the side-by-side table."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -33,19 +34,55 @@ def use_threads(tcfg: TrainConfig) -> None:
         torch.set_num_threads(tcfg.cpu_threads())
 
 
+def check_device_and_backend(tcfg: TrainConfig) -> None:
+    from ..backends import resolve_backend
+    from .trainer import resolve_device
+
+    device = resolve_device(tcfg.device)
+    try:
+        resolve_backend(tcfg.backend, device)
+    except RuntimeError as exc:
+        raise ValueError(f"TrainConfig.backend={tcfg.backend!r} on {device}: {exc}") from None
+
+
 def run_config(cfg: HSAEConfig, tcfg: TrainConfig) -> dict:
     return {"hsae": cfg.to_dict(), "trainer": tcfg.to_dict()}
 
 
+# Trainer fields that change how a run reports or how fast it goes, not what it computes: a resume may
+# change them (a run whose threads were pinned to 1 gives the same bits on 2).
+RESUME_FREE_FIELDS = ("progress", "threads")
+PATH_FIELDS = ("data", "fisher_file")
+
+
+def _same_value(key: str, a, b) -> bool:
+    if a == b:
+        return True
+    if key in PATH_FIELDS and isinstance(a, str) and isinstance(b, str) and Path(a).exists() and Path(b).exists():
+        return Path(a).resolve() == Path(b).resolve()  # one file named two ways (an older run kept it relative)
+    return False
+
+
 def _check_resume_config(path: Path, wanted: dict) -> None:
     saved = json.loads(path.read_text())
-    if saved != json.loads(json.dumps(wanted)):
-        changed = sorted(
-            f"{section}.{k}" for section in ("hsae", "trainer") for k in set(saved.get(section, {})) | set(wanted[section])
-            if saved.get(section, {}).get(k) != json.loads(json.dumps(wanted[section])).get(k)
-        )
+    wanted = json.loads(json.dumps(wanted))
+    changed = sorted(
+        f"{section}.{k}" for section in ("hsae", "trainer") for k in set(saved.get(section, {})) | set(wanted[section])
+        if not (section == "trainer" and k in RESUME_FREE_FIELDS)
+        and not _same_value(k, saved.get(section, {}).get(k), wanted[section].get(k))
+    )
+    if changed:
         raise ValueError(f"--resume: {path} differs from this command's configuration in {changed}; "
                          "resume with the same configuration")
+
+
+def resolve_paths(tcfg: TrainConfig) -> TrainConfig:
+    """The config with its local paths absolute (SPEC 9: config.json holds every value resolved), so a
+    run's config names its data wherever it is read from (`hsae eval RUN` from another folder)."""
+    changes = {key: str(Path(getattr(tcfg, key)).resolve()) for key in PATH_FIELDS
+               if isinstance(getattr(tcfg, key), str) and getattr(tcfg, key) != "synthetic"
+               and Path(getattr(tcfg, key)).exists()}
+    return dataclasses.replace(tcfg, **changes) if changes else tcfg
 
 
 @torch.no_grad()
@@ -142,7 +179,8 @@ def train_one(cfg: HSAEConfig, tcfg: TrainConfig, source, out_dir: Path, resume:
 
 def run(model_fields: dict, train_fields: dict, out_dir, resume: bool = False) -> dict:
     """Train the configured model (and the flat baseline when asked); returns the final metrics."""
-    tcfg = TrainConfig(**train_fields)
+    tcfg = resolve_paths(TrainConfig(**train_fields))
+    check_device_and_backend(tcfg)  # before the data is opened and the run folder made
     use_threads(tcfg)
     source = open_run_source(tcfg, model_fields)
     cfg = resolve_model_config(model_fields, source.d_model, tcfg)
