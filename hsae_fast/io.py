@@ -99,6 +99,8 @@ def load_layer(cls, directory, backend: str = "auto", device=None):
         state = load_file(weights_path)
     except SafetensorError as exc:
         raise ValueError(f"{weights_path} is not a readable safetensors file: {exc}") from exc
+    if "W_enc" not in state:
+        raise ValueError(f"{weights_path}: missing tensors ['W_enc']")
     layer = cls(cfg, backend=backend, device="cpu", dtype=state["W_enc"].dtype)
     expected = layer.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

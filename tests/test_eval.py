@@ -231,6 +231,8 @@ def test_eval_of_an_activation_file_run_reports_the_non_lm_subset(tmp_path):
     assert metrics["n_tokens"] == 1500 and metrics["kind"] == "activations"
     assert not any(k.startswith(("ce_", "kl_")) for k in metrics) and "specificity" not in metrics
     assert metrics["healthy"] and 0 < metrics["explained_variance"] < 1 and metrics["hcs"] == 1.0
+    with pytest.raises(ValueError, match="tokens=0: must be a positive int"):  # not the default, silently
+        evaluate_run(run, tokens=0, progress=False)
 
 
 def test_a_run_trained_on_an_lm_cache_folder_is_an_lm_run(tmp_path):

@@ -266,3 +266,17 @@ def test_load_rejects_corrupt_or_mismatched_files(tmp_path):
         HSAELayer.from_pretrained(tmp_path / "d")
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
         HSAELayer.from_pretrained(tmp_path / "missing")
+    # a weights file without W_enc whose checksum is recorded: named, not a KeyError
+    from safetensors.torch import load_file, save_file
+
+    from hsae_fast.io import sha256_file
+
+    HSAELayer(CFG).save_pretrained(tmp_path / "e")
+    state = load_file(str(tmp_path / "e" / WEIGHTS_NAME))
+    del state["W_enc"]
+    save_file(state, str(tmp_path / "e" / WEIGHTS_NAME))
+    meta = json.loads((tmp_path / "e" / CONFIG_NAME).read_text())
+    meta["weights_sha256"] = sha256_file(tmp_path / "e" / WEIGHTS_NAME)
+    (tmp_path / "e" / CONFIG_NAME).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="missing tensors \\['W_enc'\\]"):
+        HSAELayer.from_pretrained(tmp_path / "e")

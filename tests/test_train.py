@@ -676,3 +676,23 @@ def test_row_norms_are_not_taken_for_other_rows():
     assert row_norms.take(values, 0, projected=True) is None  # no projected norms were given
     big = torch.zeros(2**24 + 3, 1)  # sampled past float32's integers (a routed step's rows: 15M floats and more)
     assert row_norms._sample(big).shape == (8,) and row_norms._sample(big[:1]).shape == (1,)
+
+
+class _PoisonedSource(SyntheticHierarchy):
+    def batches(self, batch_size, seed=0, start=0):
+        for i, batch in enumerate(super().batches(batch_size, seed, start), start):
+            if i == 2:
+                batch = batch.clone()
+                batch[5, 0] = float("nan")
+            yield batch
+
+
+def test_a_nan_in_the_data_stops_like_a_diverged_loss(tmp_path):
+    """A NaN in a batch stops training as a diverged loss does (it once ended the run with a ValueError
+    and no checkpoint): the batch and the state before the step are saved, and the run resumes from it."""
+    trainer = Trainer(tiny_cfg(), tiny_train(), _PoisonedSource(**TINY_DATA), tmp_path)
+    with pytest.raises(TrainingDiverged, match="the batch holds NaN or Inf at step 2"):
+        trainer.fit()
+    assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["step"] == 2
+    assert (tmp_path / "checkpoints" / "nan_batch_step_000000002.safetensors").is_file()
+    assert Trainer(tiny_cfg(), tiny_train(), SyntheticHierarchy(**TINY_DATA), tmp_path, resume=True).step == 2

@@ -95,7 +95,9 @@ def evaluate_run(
     from tqdm.auto import tqdm
 
     run = load_run(run_dir, device=device, backend=backend)
-    tokens = tokens or (DEFAULT_LM_TOKENS if run.is_lm else DEFAULT_TOKENS)
+    if tokens is not None and (not isinstance(tokens, int) or tokens < 1):
+        raise ValueError(f"tokens={tokens!r}: must be a positive int (or None for the default)")
+    tokens = tokens if tokens is not None else (DEFAULT_LM_TOKENS if run.is_lm else DEFAULT_TOKENS)
     data = EvalData(run, tokens, batch_rows=batch_rows, device=device, with_logits=run.is_lm,
                     corpus=corpus, context=context, model=model, tokenizer=tokenizer)
     vocab = len(data.tokenizer) if data.tokenizer is not None else None

@@ -154,6 +154,9 @@ class Trainer:
         k = self.current_k(progress)
         if k != tuple(layer.cfg.k):
             layer.cfg = layer.cfg.replace(k=k)
+        self._threshold_before_step = None
+        if layer.cfg.check_finite and not bool(torch.isfinite(batch).all()):
+            self._diverged(batch, {}, reason="the batch holds NaN or Inf")  # the data's fault, stopped alike
         x = self._local_slice(batch).to(device=self.device, dtype=layer.W_dec.dtype)
         weights = self.loss_weights(progress)
         dead = self.dead.dead(layer.path_mask) if weights.aux > 0 else None
@@ -208,18 +211,20 @@ class Trainer:
         self.prune_window = ActivityCounter(self.layer.cfg.level_sizes, self.device)
         return unused
 
-    def _diverged(self, batch: torch.Tensor, parts: dict) -> None:
-        with torch.no_grad():
-            self.layer.threshold.copy_(self._threshold_before_step)
+    def _diverged(self, batch: torch.Tensor, parts: dict, reason: str = "") -> None:
+        if self._threshold_before_step is not None:
+            with torch.no_grad():
+                self.layer.threshold.copy_(self._threshold_before_step)
         path = self.save_checkpoint()
         batch_path = self.out_dir / "checkpoints" / f"nan_batch_step_{self.step:09d}.safetensors"
         if self.dist.main:
             from ..io import atomic_save_tensors
 
             atomic_save_tensors({"batch": batch}, batch_path)
+        what = reason or "loss is not finite"
+        detail = "" if reason else f" (parts {parts})"
         raise TrainingDiverged(
-            f"loss is not finite at step {self.step} (parts {parts}); the batch is saved in {batch_path}, "
-            f"the state before this step in {path}"
+            f"{what} at step {self.step}{detail}; the batch is saved in {batch_path}, the state before this step in {path}"
         )
 
     # -------------------------------------------------------------- checkpoints
