@@ -115,7 +115,7 @@ def test_corpus_splits_hold_out_whole_files(tmp_path):
         lm.corpus_documents(str(single), "test")
 
 
-def test_cache_holds_non_special_activations_with_their_tokens(tiny, tmp_path):
+def test_cache_holds_non_special_activations_with_their_tokens(tiny, tmp_path, monkeypatch):
     _, folder, corpus, model, tokenizer = tiny
     out = lm.cache_activations(str(folder), 1, out_dir=tmp_path / "cache", corpus=str(corpus), context=CONTEXT,
                                shard_tokens=4 * CONTEXT, batch_rows=2, progress=False)
@@ -128,10 +128,40 @@ def test_cache_holds_non_special_activations_with_their_tokens(tiny, tmp_path):
         assert special[:, 0].all() and not torch.isin(token_ids[~special], lm.special_token_ids(tokenizer)).any()
         total += acts.shape[0]
     assert total == meta["positions"] and meta["special_positions"] > 0
-    # A complete cache is reused as it is: the model is not even loaded.
-    assert lm.cache_activations("no-such-model", 1, out_dir=out, corpus=str(corpus), context=CONTEXT) == out
     source = lm.open_lm_source(str(folder), 1, out_dir=out, corpus=str(corpus), context=CONTEXT)
     assert source.d_model == 32 and source.sample(10, seed=0).shape == (10, 32)
+    # A complete cache is reused as it is (the model is not even loaded), but only for its own model,
+    # layer and context: an explicit out_dir once handed back another layer's activations.
+    def no_model(*args, **kwargs):
+        raise RuntimeError("the model was loaded")
+
+    monkeypatch.setattr(lm, "load_model", no_model)
+    assert lm.cache_activations(str(folder), 1, out_dir=out, corpus=str(corpus), context=CONTEXT) == out
+    for other in (dict(layer=2, context=CONTEXT), dict(layer=1, context=CONTEXT // 2)):
+        with pytest.raises(RuntimeError, match="was loaded"):
+            lm.cache_activations(str(folder), out_dir=out, corpus=str(corpus), **other)
+
+
+def test_an_interrupted_recache_leaves_no_complete_looking_folder(tiny, tmp_path, monkeypatch):
+    """Caching again into a folder (more tokens) removes its meta.json first: interrupted, the folder
+    is incomplete, not the old meta.json over fewer shards (which a later call reused)."""
+    _, folder, corpus, model, tokenizer = tiny
+    options = dict(out_dir=tmp_path / "cache", corpus=str(corpus), context=CONTEXT, shard_tokens=4 * CONTEXT,
+                   batch_rows=2, progress=False, model=model, tokenizer=tokenizer)
+    lm.cache_activations(str(folder), 1, tokens=4 * CONTEXT, **options)
+    assert lm.read_meta(tmp_path / "cache")["rows"] == 4
+    real, calls = lm.layer_activations, []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(lm, "layer_activations", failing)
+    with pytest.raises(KeyboardInterrupt):
+        lm.cache_activations(str(folder), 1, tokens=12 * CONTEXT, **options)
+    assert lm.read_meta(tmp_path / "cache") is None
 
 
 

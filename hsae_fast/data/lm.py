@@ -346,7 +346,11 @@ def cache_activations(
 
     out_dir = Path(out_dir) if out_dir is not None else cache_root() / "activations" / cache_key(model_name, layer, corpus, split, context)
     meta = read_meta(out_dir)
-    if meta is not None and (meta["complete_corpus"] or tokens is not None and meta["rows"] * meta["context"] >= tokens):
+    # A cache is reused only if it is of this model, layer, corpus, split and context (an explicit
+    # out_dir once handed back another layer's activations) and holds enough positions.
+    same = meta is not None and all(meta.get(key) == value for key, value in (
+        ("model", model_name), ("layer", layer), ("corpus", corpus), ("split", split), ("context", context)))
+    if same and (meta["complete_corpus"] or tokens is not None and meta["rows"] * meta["context"] >= tokens):
         return out_dir
     if model is None:
         model, tokenizer = load_model(model_name, device)
@@ -355,6 +359,8 @@ def cache_activations(
     special = special_mask(rows, special_token_ids(tokenizer))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "tokens").mkdir(exist_ok=True)
+    # meta.json goes first: an interrupted re-cache must not leave the old one describing new shards
+    (out_dir / "meta.json").unlink(missing_ok=True)
     for stale in list(out_dir.glob("shard_*.safetensors")) + list((out_dir / "tokens").glob("shard_*.safetensors")):
         stale.unlink()
     rows_per_shard = max(batch_rows, (shard_tokens // context) // batch_rows * batch_rows)
