@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from hsae_fast import HSAEConfig, HSAELayer
@@ -89,3 +90,31 @@ def test_analyze_reports_paths_pruning_and_merges(tmp_path_factory):
     for section in ("## Most used paths", "## Edges", "## Tree use", "## Pruning candidates", "## Merge candidates"):
         assert section in report
     assert f"feature {dead} (level 1)" in report
+
+
+@pytest.mark.parametrize("gating", ["hard", "none"])
+def test_pruning_candidates_are_subtrees_where_nothing_fires(gating):
+    """Under gating "none" a silent feature's children may fire: it is then no subtree to prune (its
+    live children were once listed with it); a silent feature over silent children is one."""
+    from hsae_fast.analysis.analyze import _pruning
+
+    cfg = HSAEConfig(d_model=8, level_sizes=(16, 4, 2), k=(4, 2, 1), gating=gating)
+    layer = HSAELayer(cfg, backend="torch")
+    density = torch.full((cfg.dict_size,), 0.1, dtype=torch.float64)
+    loud_parent, quiet_parent = 16, 17  # level 1; children 0-3 and 4-7 under the default map
+    density[[loud_parent, quiet_parent]] = 0.0
+    density[(layer.parent == quiet_parent).nonzero().squeeze(1)] = 0.0
+    heads = {h["feature"]: h["subtree_size"] for h in _pruning(layer, density, None, 1000, 0.01)["dead_subtree_heads"]}
+    assert (layer.parent == loud_parent).sum() > 0 and heads == {quiet_parent: 5}
+
+
+def test_children_per_parent_counts_unpruned_parents():
+    from hsae_fast.analysis.analyze import CodeStats, _tree_summary
+
+    cfg = HSAEConfig(d_model=8, level_sizes=(16, 4, 2), k=(4, 2, 1))
+    layer = HSAELayer(cfg, backend="torch")
+    layer.prune([cfg.level_offsets[1]])  # a middle feature and its 4 children
+    codes = CodeStats.__new__(CodeStats)
+    codes.counts = torch.ones(cfg.dict_size)
+    pairs = _tree_summary(layer, codes)["pairs"]
+    assert [p["children_per_parent"] for p in pairs] == [4.0, 1.5]

@@ -187,10 +187,12 @@ def _tree_summary(layer, codes: CodeStats) -> dict:
         siblings = torch.bincount(p_local, weights=layer.path_mask[o : o + s].cpu().double(), minlength=ps)
         even = entropy / siblings.clamp_min(2).log()
         alive_cos = cosine[o : o + s][layer.path_mask[o : o + s].cpu()]
+        alive_parents = layer.path_mask[po : po + ps].cpu()
         out.append({
             "pair": [l, l + 1],
             "mean_children_used": float(pair["children_used"][firing_parents].double().mean()) if firing_parents.any() else None,
-            "children_per_parent": float(siblings.mean()),
+            # over the unpruned parents (a pruned parent's children are pruned too: counting it halved the mean)
+            "children_per_parent": float(siblings[alive_parents].mean()) if alive_parents.any() else None,
             "mean_split_evenness": float(even[firing_parents].mean()) if firing_parents.any() else None,
             "mean_child_parent_cosine": float(alive_cos.mean()) if alive_cos.numel() else None,
         })
@@ -199,11 +201,20 @@ def _tree_summary(layer, codes: CodeStats) -> dict:
 
 def _pruning(layer, density, paths: PathStats, n, rare_density) -> dict:
     cfg, parent, mask = layer.cfg, layer.parent.cpu(), layer.path_mask.cpu()
-    dead = (density == 0) & mask
+    # A subtree to prune is one where nothing fires, the head and every feature below it. Under hard
+    # gating a silent feature's subtree is silent anyway; under gating "none" its children may fire on
+    # their own (a silent head alone was once reported with its live subtree).
+    silent = (density == 0) | ~mask
+    for l in range(1, cfg.num_levels):  # bottom-up: a level's silence needs its children's
+        o, s = cfg.level_offsets[l - 1], cfg.level_sizes[l - 1]
+        children, their_parents = torch.arange(o, o + s), parent[o : o + s]
+        loud = children[~silent[o : o + s] & (their_parents >= 0)]
+        silent[parent[loud]] = False
+    silent &= mask
     has_parent = parent >= 0
-    parent_dead = torch.zeros_like(dead)
-    parent_dead[has_parent] = dead[parent[has_parent]]
-    heads = (dead & ~parent_dead).nonzero().squeeze(1)
+    parent_silent = torch.zeros_like(silent)
+    parent_silent[has_parent] = silent[parent[has_parent]]
+    heads = (silent & ~parent_silent).nonzero().squeeze(1)
     dead_heads = [
         {"feature": int(f), "level": _level_of(cfg, int(f)), "subtree_size": int((subtree_mask(parent, torch.tensor([f])) & mask).sum())}
         for f in heads.tolist()
