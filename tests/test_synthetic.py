@@ -150,3 +150,15 @@ def test_any_level_recovery_finds_concepts_in_the_wrong_level():
         layer.W_dec.copy_(rows)
     scores = score_model(layer, source, n_tokens=512)
     assert scores["recovery"][1] < 1.0 and scores["recovery_any_level"] == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_file_sources_refuse_sizes_below_one(tmp_path):
+    """batch_size 0 divided by zero, -1 gave batches of N - 1 rows, sample(-3) N - 3 rows."""
+    np.save(tmp_path / "acts.npy", np.zeros((103, 4), dtype=np.float32))
+    source = open_source(str(tmp_path / "acts.npy"))
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=f"batch_size={bad}: must be a positive int"):
+            next(iter(source.batches(bad)))
+    with pytest.raises(ValueError, match="sample n=-3"):
+        source.sample(-3)
+    assert source.sample(0).shape == (0, 4)

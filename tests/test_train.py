@@ -696,3 +696,10 @@ def test_a_nan_in_the_data_stops_like_a_diverged_loss(tmp_path):
     assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["step"] == 2
     assert (tmp_path / "checkpoints" / "nan_batch_step_000000002.safetensors").is_file()
     assert Trainer(tiny_cfg(), tiny_train(), SyntheticHierarchy(**TINY_DATA), tmp_path, resume=True).step == 2
+
+
+def test_train_config_refuses_a_one_token_batch_and_decay_before_warmup_ends():
+    with pytest.raises(ValueError, match="batch_size=1: must be >= 2"):
+        TrainConfig(batch_size=1, tokens=64)
+    with pytest.raises(ValueError, match="decay_start=0.2: must be >= warmup_frac=0.5"):
+        TrainConfig(warmup_frac=0.5, decay_start=0.2)

@@ -31,6 +31,8 @@ class _RowSource:
     def batches(self, batch_size: int, seed: int = 0, start: int = 0) -> Iterator[torch.Tensor]:
         """Endless float32 (batch_size, d) batches; an epoch is one shuffled pass (the last partial
         batch of an epoch is dropped, so every batch has batch_size rows)."""
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: must be a positive int")
         if batch_size > self.n_rows:
             raise ValueError(f"batch_size={batch_size} exceeds the {self.n_rows} rows of {self.describe()}")
         per_epoch = self.n_rows // batch_size
@@ -57,6 +59,8 @@ class _RowSource:
         return out
 
     def sample(self, n: int, seed: int = 0) -> torch.Tensor:
+        if int(n) < 0:  # min(-3, N) would slice [:-3]: N - 3 rows
+            raise ValueError(f"sample n={n}: must be >= 0")
         n = min(int(n), self.n_rows)
         ids = torch.randperm(self.n_rows, generator=_epoch_generator(seed, -1))[:n].numpy()
         return self._ordered(ids)

@@ -120,6 +120,8 @@ class TrainConfig:
                 raise _error(name, getattr(self, name), "must be >= 1")
         if self.threads < 0:
             raise _error("threads", self.threads, "must be >= 0 (0: automatic)")
+        if self.batch_size < 2:  # the loss's FVU divides by the batch's variance: none in one token
+            raise _error("batch_size", self.batch_size, "must be >= 2 (the FVU loss needs the batch's variance)")
         if self.tokens < self.batch_size:
             raise _error("tokens", self.tokens, f"must be at least one batch (batch_size={self.batch_size})")
         for name in ("lr", "weight_decay", "grad_clip", "adapt_rate", "prefix_coef"):
@@ -135,6 +137,8 @@ class TrainConfig:
                      "adapt_target_util"):
             if not 0 <= getattr(self, name) <= 1:
                 raise _error(name, getattr(self, name), "is a fraction in [0, 1]")
+        if self.decay_start < self.warmup_frac:  # the lr would jump down mid-warmup, or never decay
+            raise _error("decay_start", self.decay_start, f"must be >= warmup_frac={self.warmup_frac}")
         if not (math.isfinite(self.fisher_weight) and 0 <= self.fisher_weight < 1):
             raise _error("fisher_weight", self.fisher_weight, "must be in [0, 1) (0: the plain FVU)")
         if self.k_start_mult < 1:
