@@ -162,3 +162,17 @@ def test_file_sources_refuse_sizes_below_one(tmp_path):
     with pytest.raises(ValueError, match="sample n=-3"):
         source.sample(-3)
     assert source.sample(0).shape == (0, 4)
+
+
+def test_file_sources_refuse_empty_and_integer_data(tmp_path):
+    from safetensors.torch import save_file
+
+    np.save(tmp_path / "none.npy", np.zeros((0, 4), dtype=np.float32))
+    np.save(tmp_path / "flat.npy", np.zeros((5, 0), dtype=np.float32))
+    for name in ("none.npy", "flat.npy"):
+        with pytest.raises(ValueError, match="expected at least one row of width >= 1"):
+            open_source(str(tmp_path / name))
+    (tmp_path / "shards").mkdir()
+    save_file({"activations": torch.zeros(5, 4, dtype=torch.int32)}, str(tmp_path / "shards" / "a.safetensors"))
+    with pytest.raises(ValueError, match="dtype I32, expected a float dtype"):
+        open_source(str(tmp_path / "shards"))

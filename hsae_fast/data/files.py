@@ -69,6 +69,11 @@ class _RowSource:
         raise NotImplementedError
 
 
+def _check_size(what: str, n_rows: int, d_model: int) -> None:
+    if n_rows < 1 or d_model < 1:  # else it fails later, at the first batch, or trains on nothing
+        raise ValueError(f"{what}: holds {n_rows} rows of width {d_model}; expected at least one row of width >= 1")
+
+
 class NpySource(_RowSource):
     """A `.npy` file of activations (N, d), memory-mapped (never loaded whole)."""
 
@@ -82,6 +87,7 @@ class NpySource(_RowSource):
             raise ValueError(f"{self.path}: expected a 2-d float array (N, d), got shape {self.array.shape} "
                              f"dtype {self.array.dtype}")
         self.n_rows, self.d_model = self.array.shape
+        _check_size(self.describe(), self.n_rows, self.d_model)
 
     def _rows(self, ids: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(self.array[ids], dtype=np.float32))
@@ -109,6 +115,10 @@ class ShardSource(_RowSource):
                 shape = f.get_slice(SHARD_TENSOR).get_shape()
             if len(shape) != 2:
                 raise ValueError(f"{shard}: '{SHARD_TENSOR}' has shape {shape}, expected (n, d)")
+            with safe_open(str(shard), framework="pt") as f:
+                dtype = f.get_slice(SHARD_TENSOR).get_dtype()
+            if not dtype.startswith(("F", "BF")):  # as a .npy source: activations are floats
+                raise ValueError(f"{shard}: '{SHARD_TENSOR}' has dtype {dtype}, expected a float dtype")
             sizes.append(shape[0])
             dims.add(shape[1])
         if len(dims) != 1:
@@ -116,6 +126,7 @@ class ShardSource(_RowSource):
         self.d_model = dims.pop()
         self.starts = np.concatenate([[0], np.cumsum(sizes)])
         self.n_rows = int(self.starts[-1])
+        _check_size(str(self.folder), self.n_rows, self.d_model)
         self._cache = (-1, None)
 
     def _permutation(self, gen: torch.Generator) -> np.ndarray:
