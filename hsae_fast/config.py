@@ -173,9 +173,11 @@ class HSAEConfig:
                 raise _config_error(name, value, "must be a finite number >= 0")
         if self.prefix_until > 1:
             raise _config_error("prefix_until", self.prefix_until, "is a fraction of training in [0, 1]")
-        if self.k_aux is not None and (not isinstance(self.k_aux, int) or not 1 <= self.k_aux <= self.dict_size):
+        if self.k_aux is not None and (not isinstance(self.k_aux, int) or isinstance(self.k_aux, bool)
+                                       or not 1 <= self.k_aux <= self.dict_size):
             raise _config_error("k_aux", self.k_aux, f"must be an int in [1, dict_size={self.dict_size}]")
-        if not isinstance(self.dead_after_tokens, int) or self.dead_after_tokens < 1:
+        if (not isinstance(self.dead_after_tokens, int) or isinstance(self.dead_after_tokens, bool)
+                or self.dead_after_tokens < 1):
             raise _config_error("dead_after_tokens", self.dead_after_tokens, "must be a positive int")
         if self.consistency not in CONSISTENCIES:
             raise _config_error("consistency", self.consistency, f"must be one of {CONSISTENCIES}")

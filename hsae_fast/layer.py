@@ -81,7 +81,8 @@ class HSAELayer(nn.Module):
         # True: backward leaves W_enc's and W_dec's gradients as sparse COO tensors of the rows the
         # batch touched (a routed step touches a few thousand of F rows), not dense (F, d) ones.
         # Only optimizers that take sparse gradients can step with them: the trainer's MaskedAdamW
-        # does (it sets this when its row update can run); torch.optim.AdamW does not. Eager only:
+        # does (set `layer.row_grads = optimizer.takes_row_grads()`, as the trainer does);
+        # torch.optim.AdamW does not. Eager only:
         # under torch.compile the gradients stay dense.
         self.row_grads = False
         # While an optimizer leaves W_enc's step for the next forward to take (MaskedAdamW's

@@ -51,7 +51,7 @@ class TrainConfig:
     # more per token than 512 or 1024 at the same cost per token; lr 1e-2 beat 2e-2, 5e-3 and 3e-3).
     # 3M tokens take 2-3 minutes on one busy core; recovery still rises from 1M (0.95/0.92/0.97)
     # to 3M (0.99/0.98/1.00, FVU 0.006). Language-model activations want a smaller lr
-    # (configs/lm_smollm2.yaml uses 1e-3) and set their own token count.
+    # (configs/lm_smollm2.yaml uses 5e-3) and set their own token count.
     tokens: int = 3_000_000
     batch_size: int = 256
     lr: float = 1e-2
