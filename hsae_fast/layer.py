@@ -37,6 +37,10 @@ def _all_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
+class NonFiniteInputError(ValueError):
+    """The input holds NaN or Inf (cfg.check_finite): a ValueError that a training loop can tell apart."""
+
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     """The precision codes are computed in: float64 for float64, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -146,7 +150,7 @@ class HSAELayer(nn.Module):
             torch._assert_async(torch.isfinite(x2).all(), "HSAELayer input holds NaN or Inf")
         elif self.cfg.check_finite and x2.numel() and not _all_finite(x2):
             bad = (~torch.isfinite(x2)).nonzero()[0].tolist()
-            raise ValueError(
+            raise NonFiniteInputError(
                 f"HSAELayer input holds NaN or Inf (first at flattened row {bad[0]}, column {bad[1]}); "
                 f"set cfg.check_finite=False to skip this check"
             )

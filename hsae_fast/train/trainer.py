@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ..config import HSAEConfig
 from ..io import atomic_write_bytes
-from ..layer import HSAELayer
+from ..layer import HSAELayer, NonFiniteInputError
 from ..losses import DeadFeatureTracker, LossWeights, prefix_weight, total_loss
 from ..metrics import ActivityCounter
 from . import checkpoint as ckpt
@@ -154,15 +154,15 @@ class Trainer:
         k = self.current_k(progress)
         if k != tuple(layer.cfg.k):
             layer.cfg = layer.cfg.replace(k=k)
-        self._threshold_before_step = None
-        if layer.cfg.check_finite and not bool(torch.isfinite(batch).all()):
-            self._diverged(batch, {}, reason="the batch holds NaN or Inf")  # the data's fault, stopped alike
         x = self._local_slice(batch).to(device=self.device, dtype=layer.W_dec.dtype)
         weights = self.loss_weights(progress)
         dead = self.dead.dead(layer.path_mask) if weights.aux > 0 else None
         # the forward moves the thresholds (SPEC 4): kept, so a diverged step's checkpoint is the state before it
         self._threshold_before_step = layer.threshold.clone()
-        out = self.model(x, return_prefixes=weights.prefix > 0)
+        try:
+            out = self.model(x, return_prefixes=weights.prefix > 0)
+        except NonFiniteInputError:  # the data's fault (the layer's own check): stopped as a divergence
+            self._diverged(batch, {}, reason="the batch holds NaN or Inf")
         loss, parts = total_loss(layer, x, out, weights, dead, self.dist.sum if self.dist.world > 1 else None)
         loss_value = float(self.dist.sum(loss.detach()))
         if not math.isfinite(loss_value):
@@ -247,7 +247,7 @@ class Trainer:
         if not self.dist.main or not log.is_file():
             return
         lines = log.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= self.step]
         if len(kept) != len(lines):
             from ..io import atomic_write_bytes
 
@@ -386,6 +386,15 @@ class Trainer:
             layer.save_pretrained(final)
         self.dist.barrier()
         return final
+
+
+def _step_of(line: str):
+    """A log record's step, or None for a line that is not a whole record (one torn by a kill)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record.get("step") if isinstance(record, dict) else None
 
 
 def write_json(path, data) -> None:
