@@ -49,8 +49,8 @@ def run_config(cfg: HSAEConfig, tcfg: TrainConfig) -> dict:
     return {"hsae": cfg.to_dict(), "trainer": tcfg.to_dict()}
 
 
-# Trainer fields that change how a run reports or how fast it goes, not what it computes: a resume may
-# change them (a run whose threads were pinned to 1 gives the same bits on 2).
+# Trainer fields about the machine and the display, not the model or its schedule: a resume may change
+# them (another thread count may change the last bits of some float sums, as moving the run would).
 RESUME_FREE_FIELDS = ("progress", "threads")
 PATH_FIELDS = ("data", "fisher_file")
 
