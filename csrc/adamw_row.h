@@ -78,6 +78,17 @@ HSAE_INLINE void update_row(float* pf, const float* gf, float* mf, float* vf, in
   }
 }
 
+// update_row for a row with gradient row gf or none (gf null): two calls with the branch outside, so
+// each inlined copy is compiled for its case (the gradient-free one loads no gradient, projects nothing).
+HSAE_INLINE void step_row(float* pf, const float* gf, float* mf, float* vf, int64_t d, const AdamWScalars& s,
+                          bool project, bool unit_rows) {
+  if (gf) {
+    update_row(pf, gf, mf, vf, d, s, project, unit_rows);
+  } else {
+    update_row(pf, nullptr, mf, vf, d, s, project, unit_rows);
+  }
+}
+
 // An AdamW step of W_enc not yet taken (MaskedAdamW.encoder_step_in_forward): each row's share is
 // taken once, before the row is next read. Row f of the whole matrix: moments m, v (F, d), gradient
 // row g + g_index[f] * d (g_index[f] < 0: none), stepped only where keep[f]; done[f] says taken.
@@ -101,11 +112,7 @@ HSAE_INLINE void take_pending_row(float* W, int64_t row, int64_t d, const Pendin
   p.done[f] = 1;
   if (p.keep && !p.keep[f]) return;
   const int64_t gi = p.g_index[f];
-  if (gi >= 0) {
-    update_row(W + row * d, p.g + gi * d, p.m + f * d, p.v + f * d, d, p.s, false, false);
-  } else {
-    update_row(W + row * d, nullptr, p.m + f * d, p.v + f * d, d, p.s, false, false);
-  }
+  step_row(W + row * d, gi >= 0 ? p.g + gi * d : nullptr, p.m + f * d, p.v + f * d, d, p.s, false, false);
 }
 
 }  // namespace hsae_cpu

@@ -84,11 +84,7 @@ HSAE_VECTOR_CLONES void update_rows(float* p, const float* g, bool row_grads, co
       r += touched;
     }
     if (keep && !keep[f]) continue;  // a pruned feature: its row, moments and all, never moves
-    if (gf) {
-      update_row(p + f * d, gf, m + f * d, v + f * d, d, s, project, unit_rows);
-    } else {
-      update_row(p + f * d, nullptr, m + f * d, v + f * d, d, s, project, unit_rows);
-    }
+    step_row(p + f * d, gf, m + f * d, v + f * d, d, s, project, unit_rows);
   }
 }
 
