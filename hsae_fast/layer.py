@@ -9,6 +9,7 @@ from torch import nn
 
 from . import functional
 from .backends import resolve_backend
+from .backends.common import accumulation_dtype
 from .config import HSAEConfig
 from .tree import TreePlan, config_parent, subtree_mask
 
@@ -39,11 +40,6 @@ def _all_finite(x: torch.Tensor) -> bool:
 
 class NonFiniteInputError(ValueError):
     """The input holds NaN or Inf (cfg.check_finite): a ValueError that a training loop can tell apart."""
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    """The precision codes are computed in: float64 for float64, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _capturing(x: torch.Tensor) -> bool:
@@ -168,7 +164,7 @@ class HSAELayer(nn.Module):
         finite value, so a tiny float16 row cannot overflow it."""
         if self.cfg.input_norm == "none":
             return None
-        acc = _acc(x2.dtype)
+        acc = accumulation_dtype(x2.dtype)
         norms = x2.to(acc).norm(dim=1, keepdim=True)
         scale = torch.where(norms > 0, self.cfg.d_model ** 0.5 / norms.clamp_min(torch.finfo(acc).tiny), 1.0)
         return scale.clamp_max(torch.finfo(x2.dtype).max).to(x2.dtype)
@@ -218,7 +214,8 @@ class HSAELayer(nn.Module):
         lead = codes[0][0].shape[:-1]
         levels = [
             # values in the encode's precision: float32 for 16-bit codes, float64 kept float64
-            functional.LevelCodes(i.reshape(-1, i.shape[-1]), v.reshape(-1, v.shape[-1]).to(_acc(v.dtype)), v)
+            functional.LevelCodes(i.reshape(-1, i.shape[-1]),
+                                  v.reshape(-1, v.shape[-1]).to(accumulation_dtype(v.dtype)), v)
             for i, v in codes
         ]
         out = functional.decode(

@@ -34,9 +34,6 @@ from ..metrics import child_parent_cosine, tree_use
 from ..tree import subtree_mask
 from .paths import PathStats
 
-DEFAULT_LM_TOKENS = 8192
-DEFAULT_TOKENS = 32768
-
 
 def analyze_run(
     run_dir,
@@ -54,9 +51,7 @@ def analyze_run(
 
     run = load_run(run_dir, device=device)
     layer, cfg = run.layer, run.layer.cfg
-    if tokens is not None and (not isinstance(tokens, int) or tokens < 1):
-        raise ValueError(f"tokens={tokens!r}: must be a positive int (or None for the default)")
-    tokens = tokens if tokens is not None else (DEFAULT_LM_TOKENS if run.is_lm else DEFAULT_TOKENS)
+    tokens = run.sample_tokens(tokens)
     data = EvalData(run, tokens, batch_rows=batch_rows, device=device, model=model, tokenizer=tokenizer)
     vocab = len(data.tokenizer) if data.tokenizer is not None else None
     codes, paths = CodeStats(layer, top_k=4, vocab_size=vocab), PathStats(layer, vocab_size=vocab)

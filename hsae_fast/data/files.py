@@ -112,11 +112,10 @@ class ShardSource(_RowSource):
             with safe_open(str(shard), framework="pt") as f:
                 if SHARD_TENSOR not in f.keys():
                     raise ValueError(f"{shard}: has no tensor '{SHARD_TENSOR}' (found {sorted(f.keys())})")
-                shape = f.get_slice(SHARD_TENSOR).get_shape()
+                tensor = f.get_slice(SHARD_TENSOR)
+                shape, dtype = tensor.get_shape(), tensor.get_dtype()
             if len(shape) != 2:
                 raise ValueError(f"{shard}: '{SHARD_TENSOR}' has shape {shape}, expected (n, d)")
-            with safe_open(str(shard), framework="pt") as f:
-                dtype = f.get_slice(SHARD_TENSOR).get_dtype()
             if not dtype.startswith(("F", "BF")):  # as a .npy source: activations are floats
                 raise ValueError(f"{shard}: '{SHARD_TENSOR}' has dtype {dtype}, expected a float dtype")
             sizes.append(shape[0])

@@ -44,9 +44,6 @@ from ..io import atomic_write_bytes
 from .runs import EvalData, Run, load_run
 from .stats import CodeStats
 
-DEFAULT_LM_TOKENS = 8192
-DEFAULT_TOKENS = 32768
-
 
 def health_verdict(metrics: dict) -> tuple[bool, list[str]]:
     """(healthy, reasons): every reason names the failed check and the value seen."""
@@ -95,9 +92,7 @@ def evaluate_run(
     from tqdm.auto import tqdm
 
     run = load_run(run_dir, device=device, backend=backend)
-    if tokens is not None and (not isinstance(tokens, int) or tokens < 1):
-        raise ValueError(f"tokens={tokens!r}: must be a positive int (or None for the default)")
-    tokens = tokens if tokens is not None else (DEFAULT_LM_TOKENS if run.is_lm else DEFAULT_TOKENS)
+    tokens = run.sample_tokens(tokens)
     data = EvalData(run, tokens, batch_rows=batch_rows, device=device, with_logits=run.is_lm,
                     corpus=corpus, context=context, model=model, tokenizer=tokenizer)
     vocab = len(data.tokenizer) if data.tokenizer is not None else None

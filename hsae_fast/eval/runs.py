@@ -22,6 +22,10 @@ from ..layer import HSAELayer
 # A held-out sample for non-LM sources: another seed than any training default.
 EVAL_SEED = 12345
 
+# Tokens that eval and analyze read when not told (LM runs also run the model over them).
+DEFAULT_LM_TOKENS = 8192
+DEFAULT_TOKENS = 32768
+
 
 @dataclass
 class Run:
@@ -48,6 +52,14 @@ class Run:
     @property
     def is_lm(self) -> bool:
         return self.lm is not None
+
+    def sample_tokens(self, tokens: Optional[int]) -> int:
+        """The token count eval and analyze read: `tokens`, or this kind of run's default for None."""
+        if tokens is None:
+            return DEFAULT_LM_TOKENS if self.is_lm else DEFAULT_TOKENS
+        if not isinstance(tokens, int) or tokens < 1:  # 0 once meant the default, silently
+            raise ValueError(f"tokens={tokens!r}: must be a positive int (or None for the default)")
+        return tokens
 
     @property
     def hooked_layer(self) -> int:

@@ -220,6 +220,9 @@ class MaskedAdamW(torch.optim.AdamW):
             beta1, beta2 = group["betas"]
             unit = unit_decoder and p is W_dec
             values, rows = by_rows[id(p)]
+            # lr, betas, eps, weight decay, bias corrections, clip factor: one step's, wherever it is taken
+            scalars = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
+                       1.0 - beta1 ** step, 1.0 - beta2 ** step, scale)
             if self._fused_encoder and p is self.layer.W_enc and rows is not None:
                 # Taken by the next forward's encode, row by row (encoder_step_in_forward).
                 index = torch.full((p.shape[0],), -1, dtype=torch.int64)
@@ -228,14 +231,11 @@ class MaskedAdamW(torch.optim.AdamW):
                     exp_avg=state["exp_avg"], exp_avg_sq=state["exp_avg_sq"], grad=values, grad_index=index,
                     keep=self.layer.path_mask.clone(),
                     done=torch.zeros(p.shape[0], dtype=torch.uint8),
-                    scalars=ext.step_scalars(float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
-                                             float(group["weight_decay"]), 1.0 - beta1 ** step, 1.0 - beta2 ** step,
-                                             scale))
+                    scalars=ext.step_scalars(*scalars))
                 cpp.set_pending_step(p, self._pending_encoder_step)
                 continue
             ext.adamw_rows(p, values, state["exp_avg"], state["exp_avg_sq"], self.layer.path_mask.contiguous(), rows,
-                           float(group["lr"]), float(beta1), float(beta2), float(group["eps"]),
-                           float(group["weight_decay"]), 1.0 - beta1 ** step, 1.0 - beta2 ** step, scale, unit, unit)
+                           *scalars, unit, unit)
         if unit_decoder and id(W_dec) not in by_rows:
             renormalize_decoder(self.layer)
 
