@@ -391,14 +391,20 @@ def test_resume_is_bit_identical(tmp_path):
         assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
 
 
-class _ExplodingSource(SyntheticHierarchy):
+class _AlteredSource(SyntheticHierarchy):
+    """The synthetic data with batch `at` replaced by `alter(batch)`."""
+
+    def __init__(self, at: int, alter, **overrides):
+        super().__init__(**overrides)
+        self.at, self.alter = at, alter
+
     def batches(self, batch_size, seed=0, start=0):
         for i, batch in enumerate(super().batches(batch_size, seed, start), start):
-            yield batch * 1e25 if i == 3 else batch
+            yield self.alter(batch) if i == self.at else batch
 
 
 def test_nan_loss_stops_with_step_batch_and_checkpoint(tmp_path):
-    trainer = Trainer(tiny_cfg(), tiny_train(), _ExplodingSource(**TINY_DATA), tmp_path)
+    trainer = Trainer(tiny_cfg(), tiny_train(), _AlteredSource(3, lambda batch: batch * 1e25, **TINY_DATA), tmp_path)
     with pytest.raises(TrainingDiverged, match="step 3") as info:
         trainer.fit()
     assert "nan_batch_step_000000003" in str(info.value)
@@ -406,11 +412,11 @@ def test_nan_loss_stops_with_step_batch_and_checkpoint(tmp_path):
     assert saved["step"] == 3
     assert (tmp_path / "checkpoints" / "nan_batch_step_000000003.safetensors").is_file()
     # the checkpoint is the state before the step: the thresholds the exploding batch moved are not in it
-    clean = Trainer(tiny_cfg(), tiny_train(), SyntheticHierarchy(**TINY_DATA), tmp_path / "clean")
+    clean = make_trainer(tmp_path / "clean")
     batches = clean._batches()
     for _ in range(3):
         clean.train_step(next(batches))
-    resumed = Trainer(tiny_cfg(), tiny_train(), SyntheticHierarchy(**TINY_DATA), tmp_path, resume=True)
+    resumed = make_trainer(tmp_path, resume=True)
     assert torch.equal(resumed.layer.threshold, clean.layer.threshold)
 
 
@@ -418,21 +424,18 @@ def test_a_new_run_in_an_old_run_folder_replaces_its_checkpoints_and_log(tmp_pat
     """Without resume, a run in a folder holding a longer earlier run removes that run's checkpoints
     and log: its later steps once outlived the new run's checkpoints (pruned as older), and latest.json
     named a deleted file."""
-    Trainer(tiny_cfg(), tiny_train(tokens=64 * 12, checkpoint_every=4, log_every=4), SyntheticHierarchy(**TINY_DATA),
-            tmp_path).fit()
-    Trainer(tiny_cfg(), tiny_train(tokens=64 * 6, checkpoint_every=2, log_every=2, keep_checkpoints=2),
-            SyntheticHierarchy(**TINY_DATA), tmp_path).fit()
+    make_trainer(tmp_path, tokens=64 * 12, checkpoint_every=4, log_every=4).fit()
+    make_trainer(tmp_path, tokens=64 * 6, checkpoint_every=2, log_every=2, keep_checkpoints=2).fit()
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*.json")) == [
         "step_000000004.json", "step_000000006.json"]
     assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["step"] == 6
     assert [r["step"] for r in _log(tmp_path)] == [2, 4, 6]
-    assert Trainer(tiny_cfg(), tiny_train(tokens=64 * 6), SyntheticHierarchy(**TINY_DATA), tmp_path,
-                   resume=True).step == 6
+    assert make_trainer(tmp_path, resume=True, tokens=64 * 6).step == 6
 
 
 def test_resume_cuts_the_log_back_to_the_checkpoint_and_logs_the_lr_each_step_used(tmp_path):
     options = dict(tokens=64 * 8, checkpoint_every=4, log_every=1, warmup_frac=0.5)
-    first = Trainer(tiny_cfg(), tiny_train(**options), SyntheticHierarchy(**TINY_DATA), tmp_path)
+    first = make_trainer(tmp_path, **options)
     first.fit()
     straight = _log(tmp_path)
     factors = [lr_factor(s, 8, 0.5, first.tcfg.decay_start) * first.tcfg.lr for s in range(8)]
@@ -444,7 +447,7 @@ def test_resume_cuts_the_log_back_to_the_checkpoint_and_logs_the_lr_each_step_us
     for name in ("step_000000008.json", "step_000000008.safetensors"):
         (ckpt_dir / name).unlink()
     (ckpt_dir / "latest.json").write_text(json.dumps({"step": 4, "meta": "step_000000004.json"}))
-    Trainer(tiny_cfg(), tiny_train(**options), SyntheticHierarchy(**TINY_DATA), tmp_path, resume=True).fit()
+    make_trainer(tmp_path, resume=True, **options).fit()
     resumed = _log(tmp_path)
     assert [r["step"] for r in resumed] == list(range(1, 9))
     assert [r["lr"] for r in resumed] == pytest.approx(factors)
@@ -678,24 +681,21 @@ def test_row_norms_are_not_taken_for_other_rows():
     assert row_norms._sample(big).shape == (8,) and row_norms._sample(big[:1]).shape == (1,)
 
 
-class _PoisonedSource(SyntheticHierarchy):
-    def batches(self, batch_size, seed=0, start=0):
-        for i, batch in enumerate(super().batches(batch_size, seed, start), start):
-            if i == 2:
-                batch = batch.clone()
-                batch[5, 0] = float("nan")
-            yield batch
+def _with_a_nan(batch):
+    batch = batch.clone()
+    batch[5, 0] = float("nan")
+    return batch
 
 
 def test_a_nan_in_the_data_stops_like_a_diverged_loss(tmp_path):
     """A NaN in a batch stops training as a diverged loss does (it once ended the run with a ValueError
     and no checkpoint): the batch and the state before the step are saved, and the run resumes from it."""
-    trainer = Trainer(tiny_cfg(), tiny_train(), _PoisonedSource(**TINY_DATA), tmp_path)
+    trainer = Trainer(tiny_cfg(), tiny_train(), _AlteredSource(2, _with_a_nan, **TINY_DATA), tmp_path)
     with pytest.raises(TrainingDiverged, match="the batch holds NaN or Inf at step 2"):
         trainer.fit()
     assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["step"] == 2
     assert (tmp_path / "checkpoints" / "nan_batch_step_000000002.safetensors").is_file()
-    assert Trainer(tiny_cfg(), tiny_train(), SyntheticHierarchy(**TINY_DATA), tmp_path, resume=True).step == 2
+    assert make_trainer(tmp_path, resume=True).step == 2
 
 
 def test_train_config_refuses_a_one_token_batch_and_decay_before_warmup_ends():
